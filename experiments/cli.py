@@ -1,0 +1,72 @@
+"""Command line of the framework; the Makefile targets call this.
+
+    python -m experiments.cli COMMAND [experiment=NAME] [preset=A,B] [sigma=S] [key.sub=value ...]
+
+COMMAND is one of: train, finetune, finetune-all, cross-likelihood, show-config.
+"""
+import logging
+import sys
+import warnings
+
+from experiments.config import ConfigError, load_config
+from experiments.run_layout import parse_sigma
+
+COMMANDS = ("train", "finetune", "finetune-all", "cross-likelihood", "show-config")
+
+
+def parse_args(argv):
+    if not argv or argv[0] not in COMMANDS:
+        raise ConfigError(f"first argument must be a command from {list(COMMANDS)}; got {argv[:1]}")
+    command, special, overrides = argv[0], {}, []
+    for arg in argv[1:]:
+        key, sep, value = arg.partition("=")
+        if not sep:
+            raise ConfigError(f"arguments look like key=value; got {arg!r}")
+        if key in ("experiment", "preset", "sigma"):
+            special[key] = value
+        else:
+            overrides.append(arg)
+    return command, special, overrides
+
+
+def main(argv=None):
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    try:
+        command, special, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+        config = load_config(special.get("experiment", "toy_flow"), special.get("preset", "default"), overrides)
+        sigma = parse_sigma(special["sigma"]) if special.get("sigma", "") != "" else None
+        if command == "finetune" and sigma is None:
+            raise ConfigError("finetune needs a noise level: make finetune-noise SIGMA=0.077")
+        return run(command, config, sigma)
+    except (ConfigError, ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as error:
+        print(f"interrupted: {error}", file=sys.stderr)
+        return 130
+
+
+def run(command, config, sigma):
+    # Imported here so that configuration errors are reported without loading torch.
+    from experiments.cross_likelihood import run_cross_likelihood
+    from experiments.train import finetune, finetune_grid, train_noiseless
+
+    if command == "show-config":
+        from omegaconf import OmegaConf
+        print(OmegaConf.to_yaml(config, resolve=True))
+    elif command == "train":
+        train_noiseless(config)
+    elif command == "finetune":
+        finetune(config, sigma)
+    elif command == "finetune-all":
+        finetune_grid(config)
+    elif command == "cross-likelihood":
+        results, out_dir = run_cross_likelihood(config)
+        if results is not None:
+            print((out_dir / "summary.md").read_text() if (out_dir / "summary.md").is_file() else results)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,59 @@
+"""The cross-likelihood experiment: every finished prior family of a run, scored on every source's
+test set, as a trainer ``test`` loop (see lightning_modules/cross_likelihood.py)."""
+import logging
+
+from callbacks.cross_likelihood_callback import CrossLikelihoodReport
+from datamodules.registry import build_datamodule
+from experiments.config import save_config, to_dict
+from experiments.run_layout import canonical_sigma, experiment_dir, finished_sigmas, load_prior, prior_dir
+from experiments.trainer_factory import build_trainer
+from lightning_modules.cross_likelihood import CrossLikelihoodModule
+
+log = logging.getLogger(__name__)
+
+
+def resolve_sigmas(config):
+    cl = config.cross_likelihood
+    available = finished_sigmas(config)
+    if 0.0 not in available:
+        raise FileNotFoundError(
+            f"no finished noiseless prior under {experiment_dir(config)}; run "
+            f"make train-toy-flow PRESET={config.preset} first"
+        )
+    if cl.sigmas_model == "all":
+        sigmas_model = available
+    else:
+        sigmas_model = sorted({canonical_sigma(float(s)) for s in cl.sigmas_model})
+        missing = [s for s in sigmas_model if s not in available]
+        if missing:
+            raise FileNotFoundError(
+                f"no finished prior for sigma {missing} under {experiment_dir(config)}; "
+                f"run make finetune-noise SIGMA=<sigma> first (available: {available})"
+            )
+    if cl.sigmas_data == "models":
+        sigmas_data = sorted(set([0.0] + sigmas_model))
+    else:
+        sigmas_data = sorted(float(s) for s in cl.sigmas_data)
+    return sigmas_model, sigmas_data
+
+
+def run_cross_likelihood(config):
+    cl = config.cross_likelihood
+    sigmas_model, sigmas_data = resolve_sigmas(config)
+    sources, model = list(config.data.sources), to_dict(config.model)
+    priors = [load_prior(prior_dir(config, s), sources, model).prior for s in sigmas_model]
+    out_dir = experiment_dir(config) / "cross_likelihood"
+    module = CrossLikelihoodModule(
+        priors, sigmas_model, sources, sigmas_data=sigmas_data, inputs=list(cl.inputs),
+        n_input_examples=cl.n_input_examples, input_length=config.data.eval_length,
+        latent_only=cl.latent_only, noise_seed=cl.noise_seed,
+    )
+    report = CrossLikelihoodReport(out_dir, to_dict(config))
+    trainer = build_trainer(config, out_dir, "cross_likelihood", callbacks=[report])
+    trainer.test(module, datamodule=build_datamodule(config.data, seed=config.seed, n_test=cl.n_test))
+    if trainer.is_global_zero:
+        save_config(config, out_dir / "config.yaml")
+        log.info("cross-likelihood written to %s", out_dir)
+    for logger in trainer.loggers:
+        logger.finalize("success")
+    return module.results, out_dir

@@ -1,0 +1,92 @@
+"""Where each run lives, how a finished run is marked, and how its priors are loaded back.
+
+    {output_root}/{experiment}/{run_name}/noiseless/        last.ckpt, config.yaml, done.json, logs/
+    {output_root}/{experiment}/{run_name}/sigma_0.077/      the same, fine-tuned at sigma = 0.077
+    {output_root}/{experiment}/{run_name}/cross_likelihood/ CSV, JSON, PNG, Markdown, config.yaml
+"""
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from experiments.config import atomic_write_text
+
+PAPER003_SIGMAS = (0.01, 0.027, 0.077, 0.129, 0.359)
+
+
+def canonical_sigma(sigma):
+    """Three significant digits, so 0.0774 and the BASIS grid's 0.07742... name the same run."""
+    return float(f"{sigma:.3g}")
+
+
+def basis_sigmas(levels=10, largest=1.0, smallest=0.01):
+    """Paper 004: L geometric levels from 1.0 down to 0.01, returned smallest first (fine-tuning order)."""
+    return [canonical_sigma(s) for s in np.geomspace(smallest, largest, levels)]
+
+
+def parse_sigma(value):
+    """A user-given SIGMA: a finite number > 0, else a ValueError that says how to fix it."""
+    try:
+        sigma = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"SIGMA must be a positive number such as 0.077, got {value!r}") from None
+    if not math.isfinite(sigma) or sigma <= 0:
+        raise ValueError(f"SIGMA must be a positive finite number such as 0.077, got {value!r}")
+    return canonical_sigma(sigma)
+
+
+def experiment_dir(config):
+    return Path(config.output_root) / config.experiment / config.run_name
+
+
+def prior_dir(config, sigma=0.0):
+    return experiment_dir(config) / ("noiseless" if sigma == 0 else f"sigma_{canonical_sigma(sigma):g}")
+
+
+def is_done(run_dir):
+    return (Path(run_dir) / "done.json").is_file()
+
+
+def mark_done(run_dir, info):
+    atomic_write_text(Path(run_dir) / "done.json", json.dumps(info, indent=2))
+
+
+def finished_sigmas(config):
+    """Noise levels (0 = noiseless) whose training finished, sorted."""
+    root = experiment_dir(config)
+    found = [0.0] if is_done(root / "noiseless") else []
+    for path in root.glob("sigma_*"):
+        if is_done(path):
+            found.append(float(path.name.removeprefix("sigma_")))
+    return sorted(found)
+
+
+def load_prior(run_dir, expected_sources=None, expected_model=None):
+    """Load a trained PriorModule from ``run_dir/last.ckpt`` (``weights_only=True``)."""
+    from lightning_modules.prior_module import PriorModule
+
+    path = Path(run_dir) / "last.ckpt"
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}; train it first")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    hparams = checkpoint["hyper_parameters"]
+    check_compatible(path, hparams, expected_sources, expected_model)
+    module = PriorModule(**hparams)
+    module.load_state_dict(checkpoint["state_dict"])
+    return module.eval()
+
+
+def check_compatible(path, hparams, expected_sources=None, expected_model=None):
+    problems = []
+    if expected_sources is not None and list(hparams["sources"]) != list(expected_sources):
+        problems.append(f"sources {list(hparams['sources'])} != configured {list(expected_sources)}")
+    if expected_model is not None and dict(hparams["model"]) != dict(expected_model):
+        diff = {k: (hparams["model"].get(k), v) for k, v in expected_model.items() if hparams["model"].get(k) != v}
+        problems.append(f"model (checkpoint, configured) differ in {diff}")
+    if problems:
+        raise ValueError(
+            f"checkpoint {path} does not match this configuration: " + "; ".join(problems)
+            + ". Use the preset/run_name it was trained with, or train a new run."
+        )

@@ -1,0 +1,103 @@
+"""Training of the noiseless priors and their noise fine-tuning (paper 003 section 3.3; paper 004 section 3.5).
+
+Rerunning an interrupted command resumes from the run's ``last.ckpt`` (weights, optimizer, scheduler,
+step, RNG); a finished run (``done.json``) is left alone.
+"""
+import logging
+import time
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
+
+from datamodules.registry import build_datamodule
+from experiments.config import save_config, to_dict
+from experiments.run_layout import (
+    PAPER003_SIGMAS, basis_sigmas, check_compatible, is_done, mark_done, prior_dir,
+)
+from experiments.trainer_factory import build_trainer
+from lightning_modules.prior_module import PriorModule
+
+log = logging.getLogger(__name__)
+
+
+def train_noiseless(config):
+    run_dir = prior_dir(config, 0.0)
+    module = PriorModule(
+        model=to_dict(config.model), sources=list(config.data.sources), lr=config.optim.lr,
+        lr_decay=config.optim.lr_decay, lr_decay_times=config.optim.lr_decay_times,
+        schedule_steps=config.trainer.max_steps, noise_sigma=0.0,
+    )
+    return fit(config, run_dir, module, config.trainer.max_steps, config.trainer.val_check_interval,
+               job_type="train", early_stopping=False)
+
+
+def finetune(config, sigma, init_dir=None):
+    """Continue from the noiseless prior (or ``init_dir``) on x + N(0, sigma^2), until the validation
+    likelihood stops improving or ``finetune.max_steps``."""
+    init_dir = Path(init_dir) if init_dir else prior_dir(config, 0.0)
+    if not is_done(init_dir):
+        raise FileNotFoundError(
+            f"no finished prior to fine-tune from at {init_dir}; run the training first "
+            f"(make train-toy-flow PRESET={config.preset}) or finish the previous noise level"
+        )
+    run_dir = prior_dir(config, sigma)
+    module = PriorModule(
+        model=to_dict(config.model), sources=list(config.data.sources), lr=config.finetune.lr,
+        lr_decay_times=0, schedule_steps=config.finetune.max_steps, noise_sigma=sigma,
+    )
+    if not (run_dir / "last.ckpt").is_file():
+        checkpoint = torch.load(init_dir / "last.ckpt", map_location="cpu", weights_only=True)
+        check_compatible(init_dir / "last.ckpt", checkpoint["hyper_parameters"],
+                         list(config.data.sources), to_dict(config.model))
+        module.load_state_dict(checkpoint["state_dict"])
+    return fit(config, run_dir, module, config.finetune.max_steps, config.finetune.val_check_interval,
+               job_type="finetune", early_stopping=True, extra={"init_from": str(init_dir)})
+
+
+def finetune_grid(config):
+    """paper003: each level from the noiseless prior; basis: serially, each from its smaller neighbour."""
+    if config.finetune.grid == "paper003":
+        return [finetune(config, sigma) for sigma in PAPER003_SIGMAS]
+    if config.finetune.grid == "basis":
+        results, previous = [], None
+        for sigma in basis_sigmas():
+            results.append(finetune(config, sigma, init_dir=previous))
+            previous = prior_dir(config, sigma)
+        return results
+    raise ValueError(f"unknown finetune.grid {config.finetune.grid!r}; choose 'paper003' or 'basis'")
+
+
+def fit(config, run_dir, module, max_steps, val_check_interval, job_type, early_stopping, extra=None):
+    run_dir = Path(run_dir)
+    if is_done(run_dir):
+        log.warning("%s is already finished (done.json); delete it to retrain", run_dir)
+        return run_dir
+    resume = run_dir / "last.ckpt"
+    if resume.is_file():
+        hparams = torch.load(resume, map_location="cpu", weights_only=True)["hyper_parameters"]
+        check_compatible(resume, hparams, list(config.data.sources), to_dict(config.model))
+    pl.seed_everything(config.seed, workers=True)
+    save_config(config, run_dir / "config.yaml")
+    callbacks = [ModelCheckpoint(dirpath=str(run_dir), filename="last", save_top_k=0, save_last=True,
+                                 every_n_train_steps=config.trainer.checkpoint_every_n_steps)]
+    if early_stopping:
+        callbacks.append(EarlyStopping(monitor="val/loglik", mode="max", patience=config.finetune.patience,
+                                       check_finite=False))
+    trainer = build_trainer(config, run_dir, job_type, callbacks, max_steps, val_check_interval)
+    datamodule = build_datamodule(config.data, seed=config.seed)
+    started = time.time()
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume.is_file() else None,
+                weights_only=True)
+    if trainer.interrupted:
+        raise KeyboardInterrupt(f"training of {run_dir} was interrupted; rerun the same command to resume")
+    trainer.save_checkpoint(str(resume), weights_only=False)
+    if trainer.is_global_zero:
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+        mark_done(run_dir, {"global_step": trainer.global_step, "seconds_this_session": time.time() - started,
+                            "noise_sigma": module.noise_sigma, "skipped_steps": module.skipped_steps,
+                            "seed": config.seed, "metrics": metrics, **(extra or {})})
+    for logger in trainer.loggers:
+        logger.finalize("success")
+    return run_dir

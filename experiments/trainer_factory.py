@@ -1,0 +1,50 @@
+"""One place that turns the config's trainer section into a Lightning Trainer with our loggers,
+atomic checkpointing and resumable ``last.ckpt``."""
+import os
+from pathlib import Path
+
+import pytorch_lightning as pl
+from pytorch_lightning.loggers import CSVLogger, WandbLogger
+
+from callbacks.atomic_checkpoint_io import AtomicCheckpointIO
+from experiments.config import to_dict
+
+
+def build_loggers(config, run_dir, job_type):
+    loggers = [CSVLogger(str(run_dir), name="logs", version="")]
+    if config.wandb.enabled:
+        # Offline by design: no account and no network unless the user asks for it.
+        os.environ.setdefault("WANDB_MODE", config.wandb.mode or "offline")
+        os.environ.setdefault("WANDB_SILENT", "true")
+        wandb_dir = Path(config.output_root) / "wandb"
+        wandb_dir.mkdir(parents=True, exist_ok=True)
+        loggers.append(WandbLogger(
+            project=config.wandb.project, save_dir=str(wandb_dir), job_type=job_type,
+            group=f"{config.experiment}/{config.run_name}", name=f"{config.run_name}/{Path(run_dir).name}",
+            config=to_dict(config),
+        ))
+    return loggers
+
+
+def build_trainer(config, run_dir, job_type, callbacks=(), max_steps=-1, val_check_interval=None):
+    t = config.trainer
+    return pl.Trainer(
+        accelerator=t.accelerator,
+        devices=t.devices,
+        strategy=t.strategy,
+        precision=t.precision,
+        num_nodes=t.num_nodes,
+        max_steps=max_steps,
+        max_time=t.max_time,
+        val_check_interval=val_check_interval,
+        check_val_every_n_epoch=None if val_check_interval else 1,
+        limit_val_batches=t.limit_val_batches,
+        log_every_n_steps=t.log_every_n_steps,
+        gradient_clip_val=config.optim.gradient_clip_val or None,
+        enable_progress_bar=t.enable_progress_bar,
+        enable_model_summary=False,
+        plugins=[AtomicCheckpointIO()],
+        logger=build_loggers(config, run_dir, job_type),
+        callbacks=list(callbacks),
+        default_root_dir=str(run_dir),
+    )

@@ -1,0 +1,137 @@
+"""FloWaveNet (Kim et al. 2019) as an unconditional prior over raw audio, one flow per source class.
+
+Layout: ``n_blocks`` blocks of [squeeze, ``n_flows`` x (ActNorm -> AffineCoupling -> flip)], then a
+standard-normal base. The ``n_priors`` priors share one module through grouped convolutions but are
+fully independent: channel k of the input is scored by prior k only.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lightning_modules.nn.actnorm import ActNorm
+from lightning_modules.nn.affine_coupling import AffineCoupling
+
+LOG_2PI = math.log(2 * math.pi)
+
+
+@dataclass
+class FlowConfig:
+    n_blocks: int = 4
+    n_flows: int = 6
+    n_layers: int = 10
+    width: int = 32
+    kernel_size: int = 3
+
+
+def squeeze(x):
+    """[B, G, C, T] -> [B, G, 2C, T/2]: even samples go to the first half of the channels."""
+    batch, groups, channels, time = x.shape
+    x = x.view(batch, groups, channels, time // 2, 2).permute(0, 1, 4, 2, 3)
+    return x.reshape(batch, groups, 2 * channels, time // 2)
+
+
+def unsqueeze(x):
+    batch, groups, channels, time = x.shape
+    x = x.view(batch, groups, 2, channels // 2, time).permute(0, 1, 3, 4, 2)
+    return x.reshape(batch, groups, channels // 2, 2 * time)
+
+
+def flip(x):
+    """Swap channel halves so the next coupling transforms the other half."""
+    first, second = x.chunk(2, dim=2)
+    return torch.cat([second, first], dim=2)
+
+
+class FlowStep(nn.Module):
+    def __init__(self, n_groups, channels, cfg: FlowConfig):
+        super().__init__()
+        self.actnorm = ActNorm(n_groups, channels)
+        self.coupling = AffineCoupling(n_groups, channels, cfg.width, cfg.n_layers, cfg.kernel_size)
+
+    def forward(self, x):
+        x, logdet_norm = self.actnorm(x)
+        x, logdet_coupling = self.coupling(x)
+        return flip(x), logdet_norm + logdet_coupling
+
+    def reverse(self, y):
+        return self.actnorm.reverse(self.coupling.reverse(flip(y)))
+
+
+class FlowBlock(nn.Module):
+    def __init__(self, n_groups, in_channels, cfg: FlowConfig):
+        super().__init__()
+        self.steps = nn.ModuleList(FlowStep(n_groups, 2 * in_channels, cfg) for _ in range(cfg.n_flows))
+
+    def forward(self, x):
+        x = squeeze(x)
+        logdet = 0
+        for step in self.steps:
+            x, step_logdet = step(x)
+            logdet = logdet + step_logdet
+        return x, logdet
+
+    def reverse(self, y):
+        for step in reversed(self.steps):
+            y = step.reverse(y)
+        return unsqueeze(y)
+
+
+class FloWaveNet(nn.Module):
+    """``n_priors`` independent FloWaveNet priors; ``forward`` maps audio ``[B, G, T]`` to latents."""
+
+    def __init__(self, n_priors: int, cfg: FlowConfig):
+        super().__init__()
+        self.n_priors = n_priors
+        self.cfg = cfg
+        self.blocks = nn.ModuleList(FlowBlock(n_priors, 2**b, cfg) for b in range(cfg.n_blocks))
+
+    @property
+    def length_multiple(self):
+        return 2**self.cfg.n_blocks
+
+    def check_input(self, x):
+        if x.dim() != 3 or x.shape[1] != self.n_priors:
+            raise ValueError(f"expected audio of shape [batch, {self.n_priors}, time], got {tuple(x.shape)}")
+        if x.shape[2] % self.length_multiple:
+            raise ValueError(
+                f"audio length {x.shape[2]} must be a multiple of 2**n_blocks = {self.length_multiple}; "
+                "crop or pad it"
+            )
+
+    def forward(self, x):
+        """Returns latents ``z`` [B, G, C, T/C] and the total log|det J| per example and prior [B, G]."""
+        self.check_input(x)
+        z = x.unsqueeze(2)
+        logdet = torch.zeros(x.shape[:2], device=x.device)
+        for block in self.blocks:
+            z, block_logdet = block(z)
+            logdet = logdet + block_logdet
+        return z, logdet
+
+    def reverse(self, z):
+        for block in reversed(self.blocks):
+            z = block.reverse(z)
+        return z.squeeze(2)
+
+    def log_prob(self, x, latent_only=False):
+        """Full log-likelihood in nats per audio sample, [B, G]: base log-density plus every log-det.
+
+        ``latent_only=True`` drops the log-dets; that is the thesis code's (wrong) quantity, kept
+        only to compare with its figures.
+        """
+        z, logdet = self(x)
+        z = z.float()
+        base = -0.5 * (z * z + LOG_2PI).sum(dim=(2, 3))
+        total = base if latent_only else base + logdet
+        return total / x.shape[2]
+
+    @torch.no_grad()
+    def sample(self, n, length, temperature=1.0):
+        if length % self.length_multiple:
+            raise ValueError(f"sample length must be a multiple of {self.length_multiple}")
+        channels = self.length_multiple
+        device = next(self.parameters()).device
+        z = temperature * torch.randn(n, self.n_priors, channels, length // channels, device=device)
+        return self.reverse(z)

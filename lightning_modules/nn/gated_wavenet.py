@@ -1,0 +1,48 @@
+"""Non-causal gated WaveNet used inside each affine coupling (FloWaveNet) to predict log s and t."""
+import math
+
+import torch
+from torch import nn
+
+from lightning_modules.nn.grouped import GroupedConv1d
+
+
+class GatedResidualLayer(nn.Module):
+    """Dilated conv -> tanh * sigmoid gate -> residual and skip 1x1 convs."""
+
+    def __init__(self, n_groups, width, kernel_size, dilation, causal=False):
+        super().__init__()
+        self.dilated = GroupedConv1d(n_groups, width, 2 * width, kernel_size, dilation, causal)
+        self.residual = GroupedConv1d(n_groups, width, width)
+        self.skip = GroupedConv1d(n_groups, width, width)
+
+    def forward(self, h):
+        filter_part, gate_part = self.dilated(h).chunk(2, dim=2)
+        gated = torch.tanh(filter_part) * torch.sigmoid(gate_part)
+        # sqrt(0.5) keeps the residual stream's variance from growing with depth.
+        return (h + self.residual(gated)) * math.sqrt(0.5), self.skip(gated)
+
+
+class GatedWaveNet(nn.Module):
+    """Stack of gated residual layers with dilations 2^i, skip sum, then ReLU-1x1-ReLU-1x1.
+
+    The last 1x1 conv is zero-initialised, so an affine coupling built on it starts as identity.
+    """
+
+    def __init__(self, n_groups, in_channels, out_channels, width, n_layers, kernel_size=3, causal=False):
+        super().__init__()
+        self.start = GroupedConv1d(n_groups, in_channels, width)
+        self.layers = nn.ModuleList(
+            GatedResidualLayer(n_groups, width, kernel_size, 2**i, causal) for i in range(n_layers)
+        )
+        self.end_hidden = GroupedConv1d(n_groups, width, width)
+        self.end_out = GroupedConv1d(n_groups, width, out_channels)
+        self.end_out.zero_init()
+
+    def forward(self, x):
+        h = self.start(x)
+        skip_sum = 0
+        for layer in self.layers:
+            h, skip = layer(h)
+            skip_sum = skip_sum + skip
+        return self.end_out(torch.relu(self.end_hidden(torch.relu(skip_sum))))

@@ -1,0 +1,27 @@
+"""Grouped 1-d convolution over a ``[B, G, C, T]`` tensor: G independent convolutions in one call."""
+import torch
+from torch import nn
+
+
+class GroupedConv1d(nn.Module):
+    """G independent ``Conv1d(in_channels, out_channels)``, one per prior, run as one grouped conv."""
+
+    def __init__(self, n_groups, in_channels, out_channels, kernel_size=1, dilation=1, causal=False):
+        super().__init__()
+        self.n_groups = n_groups
+        self.out_channels = out_channels
+        total_pad = dilation * (kernel_size - 1)
+        # Non-causal: centred receptive field. Causal: pad only on the left.
+        self.pad = (total_pad, 0) if causal else (total_pad // 2, total_pad - total_pad // 2)
+        self.conv = nn.Conv1d(
+            n_groups * in_channels, n_groups * out_channels, kernel_size, dilation=dilation, groups=n_groups
+        )
+
+    def forward(self, x):
+        batch, groups, channels, time = x.shape
+        h = nn.functional.pad(x.reshape(batch, groups * channels, time), self.pad)
+        return self.conv(h).view(batch, groups, self.out_channels, time)
+
+    def zero_init(self):
+        nn.init.zeros_(self.conv.weight)
+        nn.init.zeros_(self.conv.bias)
