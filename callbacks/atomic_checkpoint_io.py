@@ -1,14 +1,9 @@
-"""Checkpoint writer that never leaves a half-written or non-finite checkpoint behind.
-
-The checkpoint is written to a temporary file in the target folder, fsynced, then renamed over the
-old one (``os.replace`` is atomic on POSIX), so a process killed mid-save keeps the previous file.
-"""
-import os
-import tempfile
-from pathlib import Path
-
+"""Checkpoint writer that never leaves a half-written or non-finite checkpoint behind: a process
+killed mid-save keeps the previous file (see callbacks/atomic_io.py)."""
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
+
+from callbacks.atomic_io import atomic_write
 
 
 def non_finite_tensors(state_dict):
@@ -21,18 +16,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         bad = non_finite_tensors(checkpoint.get("state_dict", {}))
         if bad:
             raise RuntimeError(f"refusing to write checkpoint {path}: non-finite weights in {bad[:5]}")
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(handle, "wb") as stream:
-                torch.save(checkpoint, stream)
-                stream.flush()
-                os.fsync(stream.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write(path, lambda stream: torch.save(checkpoint, stream), binary=True)
 
     def load_checkpoint(self, path, map_location=None, weights_only=True):
         # Our checkpoints hold tensors and plain containers only.

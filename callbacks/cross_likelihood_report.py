@@ -7,16 +7,16 @@ broken prior is exactly what the report must expose.
 """
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
-from typing import IO, Any, Callable, Mapping
+from typing import IO, Any, Mapping
 
 import numpy as np
+
+from callbacks.atomic_io import atomic_write
 
 COLUMNS = ("kind", "source", "prior", "sigma_model", "sigma_data", "loglik")
 
@@ -123,34 +123,6 @@ def long_rows(results: Mapping[str, Any]) -> list[dict]:
         for j, prior in enumerate(sources):
             add("inputs", str(entry["input"]), prior, float(entry["sigma_model"]), None, float(v[j]))
     return rows
-
-
-def _atomic_write(path: Path, write: Callable[[IO], None], binary: bool = False) -> Path:
-    """Write via a same-directory temp file + fsync + os.replace.
-
-    Readers (a dashboard, a resumed run) then see either the old or the new
-    file, never a truncated one, even if serialisation raises half-way.
-    """
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        fh = os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", encoding="utf-8", newline="")
-        with fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    # Persist the rename itself; not every filesystem allows fsync on a directory.
-    with contextlib.suppress(OSError):
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    return path
 
 
 def _write_csv(rows: list[dict], fh: IO[str]) -> None:
@@ -325,14 +297,14 @@ def write_report(results: Mapping[str, Any], out_dir: str | os.PathLike,
     rows = long_rows(results)  # validates shapes before anything is written
     margins = _all_margins(results)
     paths: dict[str, Path] = {}
-    paths["csv"] = _atomic_write(out / "cross_likelihood.csv", lambda fh: _write_csv(rows, fh))
+    paths["csv"] = atomic_write(out / "cross_likelihood.csv", lambda fh: _write_csv(rows, fh))
     payload = {**results, "margins": margins, "config": config}
-    paths["json"] = _atomic_write(out / "cross_likelihood.json", lambda fh: _write_json(payload, fh))
+    paths["json"] = atomic_write(out / "cross_likelihood.json", lambda fh: _write_json(payload, fh))
     for key, plot in (("matrices", _plot_matrices), ("noise_grid", _plot_noise_grid)):
         if results.get(key):
-            paths[key] = _atomic_write(out / f"{key}.png", lambda fh, p=plot: p(results, fh), binary=True)
+            paths[key] = atomic_write(out / f"{key}.png", lambda fh, p=plot: p(results, fh), binary=True)
     text = _summary_md(results, margins)
-    paths["summary"] = _atomic_write(out / "summary.md", lambda fh: fh.write(text))
+    paths["summary"] = atomic_write(out / "summary.md", lambda fh: fh.write(text))
     return paths
 
 

@@ -3,14 +3,14 @@
 The schema is an OmegaConf structured config, so a misspelled key or a wrongly typed value fails
 loudly with the key's name instead of being silently ignored.
 """
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+
+from callbacks.atomic_io import atomic_write_text
 
 EXPERIMENTS_DIR = Path(__file__).resolve().parent
 PRESETS_DIR = EXPERIMENTS_DIR / "presets"
@@ -148,21 +148,6 @@ def load_config(experiment="toy_flow", preset="default", overrides=()):
 
 def to_dict(config):
     return OmegaConf.to_container(config, resolve=True)
-
-
-def atomic_write_text(path, text):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w") as stream:
-            stream.write(text)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_config(config, path):

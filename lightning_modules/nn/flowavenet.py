@@ -104,7 +104,8 @@ class FloWaveNet(nn.Module):
         """Returns latents ``z`` [B, G, C, T/C] and the total log|det J| per example and prior [B, G]."""
         self.check_input(x)
         z = x.unsqueeze(2)
-        logdet = torch.zeros(x.shape[:2], device=x.device)
+        # Log-dets accumulate in at least float32, also under mixed precision.
+        logdet = torch.zeros(x.shape[:2], device=x.device, dtype=torch.promote_types(x.dtype, torch.float32))
         for block in self.blocks:
             z, block_logdet = block(z)
             logdet = logdet + block_logdet
@@ -122,7 +123,7 @@ class FloWaveNet(nn.Module):
         only to compare with its figures.
         """
         z, logdet = self(x)
-        z = z.float()
+        z = z.to(logdet.dtype)
         base = -0.5 * (z * z + LOG_2PI).sum(dim=(2, 3))
         total = base if latent_only else base + logdet
         return total / x.shape[2]
@@ -132,6 +133,7 @@ class FloWaveNet(nn.Module):
         if length % self.length_multiple:
             raise ValueError(f"sample length must be a multiple of {self.length_multiple}")
         channels = self.length_multiple
-        device = next(self.parameters()).device
-        z = temperature * torch.randn(n, self.n_priors, channels, length // channels, device=device)
+        weight = next(self.parameters())
+        z = temperature * torch.randn(n, self.n_priors, channels, length // channels, device=weight.device,
+                                      dtype=weight.dtype)
         return self.reverse(z)

@@ -20,7 +20,18 @@ class GroupedConv1d(nn.Module):
     def forward(self, x):
         batch, groups, channels, time = x.shape
         h = nn.functional.pad(x.reshape(batch, groups * channels, time), self.pad)
-        return self.conv(h).view(batch, groups, self.out_channels, time)
+        if x.is_cuda or self.conv.kernel_size[0] == 1:
+            out = self.conv(h)
+        else:
+            # Measured (make bench): on CPU, oneDNN's grouped dilated conv is ~2x slower than one
+            # conv per group, while grouped 1x1 convs are faster than a loop. Same weights either way.
+            weights = self.conv.weight.chunk(groups, dim=0)
+            biases = self.conv.bias.chunk(groups, dim=0)
+            out = torch.cat([
+                nn.functional.conv1d(part, w, b, dilation=self.conv.dilation)
+                for part, w, b in zip(h.chunk(groups, dim=1), weights, biases)
+            ], dim=1)
+        return out.view(batch, groups, self.out_channels, time)
 
     def zero_init(self):
         nn.init.zeros_(self.conv.weight)

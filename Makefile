@@ -1,0 +1,59 @@
+# Unsupervised source separation with deep generative priors: every command a researcher runs.
+# Variables: PRESET (default | paper, comma-separated extras: ddp, bf16, fp16, debug), EXPERIMENT,
+# SIGMA, GRID (paper003 | basis), RUNS (output root), ARGS (any config override, key=value ...).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+EXPERIMENT ?= toy_flow
+PRESET ?= default
+RUNS ?= runs
+GRID ?= paper003
+SIGMA ?=
+ARGS ?=
+CLI = $(PY) -m experiments.cli
+COMMON = experiment=$(EXPERIMENT) preset=$(PRESET) output_root=$(RUNS)
+
+.DEFAULT_GOAL := help
+.PHONY: help install test test-slow train-toy-flow train finetune-noise finetune-noise-all cross-likelihood bench show-config
+
+help: ## List the targets
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-20s %s\n", $$1, $$2}'
+
+install: ## Create .venv with the pinned dependencies (and ffmpeg/ffprobe via apt-get when root)
+	@if ! command -v ffmpeg >/dev/null || ! command -v ffprobe >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq ffmpeg; \
+	  else \
+	    echo "error: ffmpeg/ffprobe not found (musdb needs them). Install them with: sudo apt-get install -y ffmpeg" >&2; exit 1; \
+	  fi; \
+	fi
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -e .
+
+test: ## Fast test suite (under 10 minutes on 2 CPU cores)
+	$(PY) -m pytest -m "not slow" -q
+
+test-slow: ## Slow tests only (kill-and-resume, longer runs)
+	$(PY) -m pytest -m slow -q
+
+train-toy-flow: ## Train the four toy FloWaveNet priors (resumes if interrupted)
+	$(CLI) train experiment=toy_flow preset=$(PRESET) output_root=$(RUNS) $(ARGS)
+
+train: ## Train the priors of EXPERIMENT
+	$(CLI) train $(COMMON) $(ARGS)
+
+finetune-noise: ## Fine-tune the priors on x + N(0, SIGMA^2), e.g. make finetune-noise SIGMA=0.077
+	$(CLI) finetune $(COMMON) sigma=$(SIGMA) $(ARGS)
+
+finetune-noise-all: ## Fine-tune every level of GRID (paper003: 5 levels; basis: 10 levels, serially)
+	$(CLI) finetune-all $(COMMON) finetune.grid=$(GRID) $(ARGS)
+
+cross-likelihood: ## Cross-likelihood matrices, noise grid and constant-input table (CSV/JSON/PNG/MD + W&B)
+	$(CLI) cross-likelihood $(COMMON) $(ARGS)
+
+bench: ## Training and log-likelihood throughput of the presets, written to $(RUNS)/bench.json
+	$(PY) -m experiments.bench output=$(RUNS)/bench.json $(ARGS)
+
+show-config: ## Print the resolved configuration of EXPERIMENT with PRESET and ARGS
+	$(CLI) show-config $(COMMON) $(ARGS)

@@ -1,0 +1,32 @@
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+torch.set_num_threads(2)
+
+# A model and data small enough that a whole train -> finetune -> cross-likelihood run takes seconds.
+TINY = [
+    "model.n_blocks=2", "model.n_flows=2", "model.n_layers=2", "model.width=8",
+    "data.crop_length=256", "data.eval_length=256", "data.batch_size=8", "data.eval_batch_size=4",
+    "data.n_train=64", "data.n_val=8", "data.n_test=7",
+    "optim.lr=3e-3", "trainer.accelerator=cpu", "trainer.max_steps=60", "trainer.val_check_interval=20",
+    "trainer.limit_val_batches=2", "trainer.checkpoint_every_n_steps=10", "trainer.log_every_n_steps=5",
+    "trainer.enable_progress_bar=false",
+    "finetune.max_steps=20", "finetune.val_check_interval=10", "finetune.patience=2",
+    "cross_likelihood.n_test=7", "cross_likelihood.n_input_examples=1", "wandb.enabled=false",
+]
+
+
+@pytest.fixture
+def tiny_overrides(tmp_path):
+    return TINY + [f"output_root={tmp_path / 'runs'}"]
+
+
+@pytest.fixture
+def tiny_config(tiny_overrides):
+    from experiments.config import load_config
+
+    return load_config("toy_flow", "default", tiny_overrides)
