@@ -141,7 +141,10 @@ def load_config(experiment="toy_flow", preset="default", overrides=()):
     try:
         config = OmegaConf.merge(OmegaConf.structured(Config), *layers, OmegaConf.from_dotlist(list(overrides)))
     except OmegaConfBaseException as error:
-        raise ConfigError(f"bad configuration: {error}".splitlines()[0] + " (see experiments/config.py for the keys)") from None
+        key = getattr(error, "full_key", None)
+        message = str(error).splitlines()[0]
+        where = f"key '{key}': " if key else ""
+        raise ConfigError(f"bad configuration: {where}{message} (the keys are in experiments/config.py)") from None
     config.experiment, config.preset = experiment, ",".join(names) or "default"
     return config
 
