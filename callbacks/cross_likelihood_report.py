@@ -253,8 +253,10 @@ def _summary_md(results: Mapping[str, Any], margins: list[dict]) -> str:
     sources = [str(s) for s in results["sources"]]
     n = len(sources)
     names = [_md_escape(s) for s in sources]
+    quantity = ("LATENT TERM ONLY (no log-determinants; the thesis code's quantity, not a density)"
+                if results.get("latent_only") else "full log-likelihood (base density + every log-det)")
     out = ["# Cross-likelihood report", "",
-           "Mean log-likelihood in nats per audio sample; rows are data sources, columns are priors.", ""]
+           f"Mean {quantity} in nats per audio sample; rows are data sources, columns are priors.", ""]
     for entry, mg in zip(results.get("matrices") or [], margins):
         m = _as_array(entry["loglik"], (n, n), "matrices[].loglik")
         head = f"## sigma_model={mg['sigma_model']:g}, sigma_data={mg['sigma_data']:g}"

@@ -88,3 +88,14 @@ def test_ddp_cross_likelihood_equals_single_process(trained_run, tmp_path):
                               torch.tensor(b["loglik"], dtype=torch.float64), rtol=1e-5, atol=1e-5)
     assert torch.allclose(torch.tensor(single_json["noise_grid"]["loglik"], dtype=torch.float64),
                           torch.tensor(ddp_json["noise_grid"]["loglik"], dtype=torch.float64), rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_mixed_precision_training_runs_on_cpu(tmp_path):
+    config = load_config("toy_flow", "default,bf16", TINY + [f"output_root={tmp_path}", "trainer.max_steps=4",
+                                                            "trainer.val_check_interval=2"])
+    assert config.trainer.precision == "bf16-mixed"
+    run_dir = train_noiseless(config)
+    history = val_logliks(run_dir)
+    assert history and all(math.isfinite(v) for v in history)
+    prior = load_prior(run_dir)
+    assert all(torch.isfinite(p).all() for p in prior.parameters())
