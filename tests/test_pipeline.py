@@ -99,3 +99,21 @@ def test_bf16_mixed_precision_training_runs_on_cpu(tmp_path):
     assert history and all(math.isfinite(v) for v in history)
     prior = load_prior(run_dir)
     assert all(torch.isfinite(p).all() for p in prior.parameters())
+
+
+def test_basis_grid_fine_tunes_serially(tmp_path):
+    from experiments.run_layout import basis_sigmas
+    from experiments.train import finetune_grid
+
+    config = load_config("toy_flow", "default", TINY + [
+        f"output_root={tmp_path}", "trainer.max_steps=2", "trainer.val_check_interval=2",
+        "finetune.grid=basis", "finetune.max_steps=2", "finetune.val_check_interval=2"])
+    train_noiseless(config)
+    finetune_grid(config)
+    sigmas = basis_sigmas()
+    assert sigmas[0] == 0.01 and sigmas[-1] == 1.0 and len(sigmas) == 10
+    previous = prior_dir(config, 0.0)
+    for sigma in sigmas:
+        done = json.loads((prior_dir(config, sigma) / "done.json").read_text())
+        assert done["noise_sigma"] == sigma and done["init_from"] == str(previous)
+        previous = prior_dir(config, sigma)
