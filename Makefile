@@ -1,11 +1,13 @@
 # Unsupervised source separation with deep generative priors: every command a researcher runs.
-# Variables: PRESET (default | paper, comma-separated extras: ddp, bf16, fp16, debug), EXPERIMENT,
+# Variables: PRESET (default | paper, comma-separated extras: ddp, bf16, fp16, debug),
+# MODEL (flow | wavenet: EXPERIMENT=toy_$(MODEL)) or EXPERIMENT,
 # SIGMA, GRID (paper003 | basis), RUNS (output root), ARGS (any config override, key=value ...).
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-EXPERIMENT ?= toy_flow
+MODEL ?= flow
+EXPERIMENT ?= toy_$(MODEL)
 PRESET ?= default
 RUNS ?= runs
 GRID ?= paper003
@@ -15,7 +17,7 @@ CLI = $(PY) -m experiments.cli
 COMMON = experiment=$(EXPERIMENT) preset=$(PRESET) output_root=$(RUNS)
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-slow train-toy-flow train finetune-noise finetune-noise-all cross-likelihood bench show-config
+.PHONY: help install test test-slow train-toy-flow train-toy-wavenet compare-toy train finetune-noise finetune-noise-all cross-likelihood bench show-config
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-20s %s\n", $$1, $$2}'
@@ -40,7 +42,13 @@ test-slow: ## Slow tests only (kill-and-resume, longer runs)
 train-toy-flow: ## Train the four toy FloWaveNet priors (resumes if interrupted)
 	$(CLI) train experiment=toy_flow preset=$(PRESET) output_root=$(RUNS) $(ARGS)
 
-train: ## Train the priors of EXPERIMENT
+train-toy-wavenet: ## Train the four toy WaveNet priors (resumes if interrupted)
+	$(CLI) train experiment=toy_wavenet preset=$(PRESET) output_root=$(RUNS) $(ARGS)
+
+compare-toy: ## Flow vs WaveNet cross-likelihood side by side (paper 003 Fig. 3, toy row)
+	$(CLI) compare preset=$(PRESET) output_root=$(RUNS) $(ARGS)
+
+train: ## Train the priors of EXPERIMENT (or MODEL)
 	$(CLI) train $(COMMON) $(ARGS)
 
 finetune-noise: ## Fine-tune the priors on x + N(0, SIGMA^2), e.g. make finetune-noise SIGMA=0.077

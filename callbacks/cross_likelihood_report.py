@@ -194,7 +194,7 @@ def _save_png(fig, fh: IO[bytes]) -> None:
     fig.savefig(fh, format="png", dpi=120)
 
 
-def _plot_matrices(results: Mapping[str, Any], fh: IO[bytes]) -> None:
+def plot_matrices(results: Mapping[str, Any], fh: IO[bytes]) -> None:
     sources = [str(s) for s in results["sources"]]
     n = len(sources)
     entries = list(results["matrices"])
@@ -209,7 +209,8 @@ def _plot_matrices(results: Mapping[str, Any], fh: IO[bytes]) -> None:
     for ax, entry, m in zip(axes, entries, mats):
         im = _heatmap(ax, m, norm, sources, sources, fontsize)
         sm, sd = float(entry["sigma_model"]), _sigma_data_of(entry)
-        ax.set_title(f"sigma_model={sm:g}" + ("" if sd == sm else f", sigma_data={sd:g}"), fontsize=10)
+        title = entry.get("title") or f"sigma_model={sm:g}" + ("" if sd == sm else f", sigma_data={sd:g}")
+        ax.set_title(title, fontsize=10)
         ax.set(xlabel="prior", ylabel="data source")
     for ax in axes[len(mats):]:
         ax.set_visible(False)
@@ -302,7 +303,7 @@ def write_report(results: Mapping[str, Any], out_dir: str | os.PathLike,
     paths["csv"] = atomic_write(out / "cross_likelihood.csv", lambda fh: _write_csv(rows, fh))
     payload = {**results, "margins": margins, "config": config}
     paths["json"] = atomic_write(out / "cross_likelihood.json", lambda fh: _write_json(payload, fh))
-    for key, plot in (("matrices", _plot_matrices), ("noise_grid", _plot_noise_grid)):
+    for key, plot in (("matrices", plot_matrices), ("noise_grid", _plot_noise_grid)):
         if results.get(key):
             paths[key] = atomic_write(out / f"{key}.png", lambda fh, p=plot: p(results, fh), binary=True)
     text = _summary_md(results, margins)

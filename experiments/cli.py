@@ -2,7 +2,7 @@
 
     python -m experiments.cli COMMAND [experiment=NAME] [preset=A,B] [sigma=S] [key.sub=value ...]
 
-COMMAND is one of: train, finetune, finetune-all, cross-likelihood, show-config.
+COMMAND is one of: train, finetune, finetune-all, cross-likelihood, compare, show-config.
 """
 import logging
 import sys
@@ -11,7 +11,7 @@ import warnings
 from experiments.config import ConfigError, load_config
 from experiments.run_layout import parse_sigma
 
-COMMANDS = ("train", "finetune", "finetune-all", "cross-likelihood", "show-config")
+COMMANDS = ("train", "finetune", "finetune-all", "cross-likelihood", "compare", "show-config")
 
 
 def parse_args(argv):
@@ -61,6 +61,11 @@ def run(command, config, sigma):
         finetune(config, sigma)
     elif command == "finetune-all":
         finetune_grid(config)
+    elif command == "compare":
+        from experiments.compare import run_compare
+
+        out_dir, _ = run_compare(config)
+        print((out_dir / "comparison.md").read_text())
     elif command == "cross-likelihood":
         results, out_dir = run_cross_likelihood(config)
         if results is not None:

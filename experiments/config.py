@@ -33,12 +33,17 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
+    """The union of every prior family's options; unset (None) ones take the family's defaults
+    (FlowConfig in lightning_modules/nn/flowavenet.py, WaveNetConfig in lightning_modules/nn/wavenet.py)."""
     name: str = "flowavenet"
-    n_blocks: int = 4
-    n_flows: int = 6
-    n_layers: int = 10
-    width: int = 32
-    kernel_size: int = 3
+    n_blocks: Optional[int] = None
+    n_flows: Optional[int] = None
+    n_layers: Optional[int] = None
+    width: Optional[int] = None
+    kernel_size: Optional[int] = None
+    n_classes: Optional[int] = None
+    likelihood: Optional[str] = None
+    smoothing_sigma: Optional[float] = None
 
 
 @dataclass

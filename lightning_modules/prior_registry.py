@@ -6,12 +6,13 @@ channel k of ``x`` is scored by the prior of source k. New families register her
 from dataclasses import fields
 
 from lightning_modules.nn.flowavenet import FloWaveNet, FlowConfig
+from lightning_modules.nn.wavenet import WaveNet, WaveNetConfig
 
-PRIOR_FAMILIES = {"flowavenet": (FloWaveNet, FlowConfig)}
+PRIOR_FAMILIES = {"flowavenet": (FloWaveNet, FlowConfig), "wavenet": (WaveNet, WaveNetConfig)}
 
 
 def build_prior(model_config: dict, n_sources: int):
-    config = dict(model_config)
+    config = {key: value for key, value in model_config.items() if value is not None}
     name = config.pop("name", None)
     if name not in PRIOR_FAMILIES:
         raise ValueError(f"unknown model name {name!r}; choose from {sorted(PRIOR_FAMILIES)}")

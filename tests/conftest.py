@@ -20,6 +20,11 @@ TINY = [
 ]
 
 
+TINY_WAVENET = [o for o in TINY if not o.startswith("model.")] + [
+    "model.name=wavenet", "model.n_blocks=1", "model.n_layers=4", "model.width=8", "model.n_classes=32",
+]
+
+
 @pytest.fixture
 def tiny_overrides(tmp_path):
     return TINY + [f"output_root={tmp_path / 'runs'}"]

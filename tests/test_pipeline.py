@@ -117,3 +117,41 @@ def test_basis_grid_fine_tunes_serially(tmp_path):
         done = json.loads((prior_dir(config, sigma) / "done.json").read_text())
         assert done["noise_sigma"] == sigma and done["init_from"] == str(previous)
         previous = prior_dir(config, sigma)
+
+
+@pytest.mark.parametrize("likelihood", ["mulaw", "smoothed"])
+def test_wavenet_train_finetune_cross_likelihood_and_compare(trained_run, likelihood, tmp_path):
+    from experiments.compare import run_compare
+    from tests.conftest import TINY_WAVENET
+
+    root = tmp_path / "runs"
+    config = load_config("toy_wavenet", "default", TINY_WAVENET + [f"output_root={root}", f"model.likelihood={likelihood}"])
+    train_noiseless(config)
+    history = val_logliks(prior_dir(config, 0.0))
+    assert history[-1] > history[0] + 0.03, history
+    finetune(config, 0.05)
+    results, out_dir = run_cross_likelihood(config)
+    assert [m["sigma_model"] for m in results["matrices"]] == [0.0, 0.05]
+    values = [v for m in results["matrices"] for row in m["loglik"] for v in row]
+    assert all(math.isfinite(v) for v in values)
+    if likelihood == "mulaw":
+        assert all(v <= 0 for v in values)  # categorical probabilities
+    # Flow results in the same root, then the side-by-side comparison.
+    flow = load_config("toy_flow", "default", TINY + [f"output_root={root}"])
+    for run_dir in (prior_dir(trained_run, 0.0),):
+        target = prior_dir(flow, 0.0)
+        target.mkdir(parents=True)
+        for name in ("last.ckpt", "done.json"):
+            (target / name).write_bytes((run_dir / name).read_bytes())
+    run_cross_likelihood(flow)
+    compare_dir, png = run_compare(flow)
+    text = (compare_dir / "comparison.md").read_text()
+    assert f"WaveNet, {likelihood} likelihood" in text and "FloWaveNet, full density" in text
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_compare_without_results_is_a_clear_error(tmp_path):
+    from experiments.compare import run_compare
+
+    with pytest.raises(FileNotFoundError, match="make cross-likelihood MODEL=flow"):
+        run_compare(load_config("toy_flow", "default", [f"output_root={tmp_path}"]))

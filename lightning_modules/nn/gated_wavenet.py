@@ -16,8 +16,8 @@ class GatedResidualLayer(nn.Module):
         self.residual = GroupedConv1d(n_groups, width, width)
         self.skip = GroupedConv1d(n_groups, width, width)
 
-    def forward(self, h):
-        filter_part, gate_part = self.dilated(h).chunk(2, dim=2)
+    def forward(self, h, past=None):
+        filter_part, gate_part = self.dilated(h, past).chunk(2, dim=2)
         gated = torch.tanh(filter_part) * torch.sigmoid(gate_part)
         # sqrt(0.5) keeps the residual stream's variance from growing with depth.
         return (h + self.residual(gated)) * math.sqrt(0.5), self.skip(gated)

@@ -12,14 +12,20 @@ class GroupedConv1d(nn.Module):
         self.out_channels = out_channels
         total_pad = dilation * (kernel_size - 1)
         # Non-causal: centred receptive field. Causal: pad only on the left.
+        self.context = total_pad
         self.pad = (total_pad, 0) if causal else (total_pad // 2, total_pad - total_pad // 2)
         self.conv = nn.Conv1d(
             n_groups * in_channels, n_groups * out_channels, kernel_size, dilation=dilation, groups=n_groups
         )
 
-    def forward(self, x):
+    def forward(self, x, past=None):
+        """``past`` [B, G, C, receptive - 1]: left context for a causal conv (cached generation);
+        without it the context is zero padding. The output has the time length of ``x``."""
         batch, groups, channels, time = x.shape
-        h = nn.functional.pad(x.reshape(batch, groups * channels, time), self.pad)
+        if past is None:
+            h = nn.functional.pad(x.reshape(batch, groups * channels, time), self.pad)
+        else:
+            h = torch.cat([past, x], dim=3).reshape(batch, groups * channels, -1)
         if x.is_cuda or self.conv.kernel_size[0] == 1:
             out = self.conv(h)
         else:
