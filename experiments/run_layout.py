@@ -78,16 +78,14 @@ def load_prior(run_dir, expected_sources=None, expected_model=None):
     return module.eval()
 
 
-def set_options(model_config):
-    return {key: value for key, value in dict(model_config).items() if value is not None}
-
-
 def check_compatible(path, hparams, expected_sources=None, expected_model=None):
     problems = []
     if expected_sources is not None and list(hparams["sources"]) != list(expected_sources):
         problems.append(f"sources {list(hparams['sources'])} != configured {list(expected_sources)}")
     if expected_model is not None:
-        stored, expected = set_options(hparams["model"]), set_options(expected_model)
+        from lightning_modules.prior_registry import resolve_model_config
+
+        stored, expected = resolve_model_config(hparams["model"]), resolve_model_config(expected_model)
         diff = {k: (stored.get(k), expected.get(k)) for k in stored.keys() | expected.keys()
                 if stored.get(k) != expected.get(k)}
         if diff:

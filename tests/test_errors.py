@@ -75,3 +75,14 @@ def test_mismatched_checkpoint(tmp_path, capsys):
     code, err = run_cli(capsys, "finetune", "sigma=0.1", *overrides, "model.width=16")
     assert code == 2 and "does not match" in err and "width" in err
     assert checkpoint.read_bytes() == before
+
+
+def test_unset_model_options_compare_equal_to_their_defaults():
+    from experiments.run_layout import check_compatible
+
+    stored = {"name": "flowavenet", "n_blocks": 2, "kernel_size": 3}
+    check_compatible("x.ckpt", {"sources": ["sine"], "model": stored}, ["sine"],
+                     {"name": "flowavenet", "n_blocks": 2, "kernel_size": None})
+    with pytest.raises(ValueError, match="n_blocks"):
+        check_compatible("x.ckpt", {"sources": ["sine"], "model": stored}, ["sine"],
+                         {"name": "flowavenet", "n_blocks": 3})
