@@ -19,7 +19,7 @@ import torch
 
 from callbacks.atomic_io import atomic_write_text
 from experiments.config import load_config, to_dict
-from lightning_modules.prior_registry import build_prior
+from lightning_modules.prior_registry import build_prior, resolve_model_config
 
 
 def synchronize(device):
@@ -75,7 +75,7 @@ def bench_preset(experiment, preset, device, precision, steps, batch_size=None, 
     grouped = build_prior(to_dict(config.model), n_sources).to(device)
     train_grouped, eval_grouped = measure([grouped], batch, device, precision, steps)
     result = {
-        "experiment": experiment, "preset": preset, "model": to_dict(config.model), "batch_size": batch_size,
+        "experiment": experiment, "preset": preset, "model": resolve_model_config(to_dict(config.model)), "batch_size": batch_size,
         "crop_length": length, "n_sources": n_sources, "parameters": sum(p.numel() for p in grouped.parameters()),
         "train_seconds_per_step": train_grouped,
         "train_audio_seconds_per_second": audio_seconds / train_grouped,
