@@ -138,11 +138,10 @@ def test_wavenet_train_finetune_cross_likelihood_and_compare(trained_run, likeli
         assert all(v <= 0 for v in values)  # categorical probabilities
     # Flow results in the same root, then the side-by-side comparison.
     flow = load_config("toy_flow", "default", TINY + [f"output_root={root}"])
-    for run_dir in (prior_dir(trained_run, 0.0),):
-        target = prior_dir(flow, 0.0)
-        target.mkdir(parents=True)
-        for name in ("last.ckpt", "done.json"):
-            (target / name).write_bytes((run_dir / name).read_bytes())
+    target = prior_dir(flow, 0.0)
+    target.mkdir(parents=True)
+    for name in ("last.ckpt", "done.json"):
+        (target / name).write_bytes((prior_dir(trained_run, 0.0) / name).read_bytes())
     run_cross_likelihood(flow)
     compare_dir, png = run_compare(flow)
     text = (compare_dir / "comparison.md").read_text()

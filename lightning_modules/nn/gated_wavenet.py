@@ -1,4 +1,5 @@
-"""Non-causal gated WaveNet used inside each affine coupling (FloWaveNet) to predict log s and t."""
+"""Gated residual layers (shared with the causal WaveNet prior) and the non-causal gated WaveNet
+used inside each affine coupling (FloWaveNet) to predict log s and t."""
 import math
 
 import torch
