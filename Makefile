@@ -1,7 +1,8 @@
 # Unsupervised source separation with deep generative priors: every command a researcher runs.
 # Variables: PRESET (default | paper, comma-separated extras: ddp, bf16, fp16, debug),
 # MODEL (flow | wavenet: EXPERIMENT=toy_$(MODEL)) or EXPERIMENT,
-# SIGMA, GRID (paper003 | basis), RUNS (output root), ARGS (any config override, key=value ...).
+# SIGMA, GRID (paper003 | basis), RUNS (output root), ARGS (any config override, key=value ...),
+# SOURCES (comma-separated subset to separate), MIX / OUT / FORCE (separating a file).
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -13,11 +14,17 @@ RUNS ?= runs
 GRID ?= paper003
 SIGMA ?=
 ARGS ?=
+SOURCES ?=
+MIX ?=
+OUT ?=
+FORCE ?=
+LANGEVIN_ARGS ?=
+SEPARATION_SOURCES = $(if $(SOURCES),separation.sources=[$(SOURCES)])
 CLI = $(PY) -m experiments.cli
 COMMON = experiment=$(EXPERIMENT) preset=$(PRESET) output_root=$(RUNS)
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-slow train-toy-flow train-toy-wavenet compare-toy train finetune-noise finetune-noise-all cross-likelihood bench show-config
+.PHONY: help install test test-slow train-toy-flow train-toy-wavenet compare-toy train finetune-noise finetune-noise-all cross-likelihood separate-toy separate bench show-config
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-20s %s\n", $$1, $$2}'
@@ -60,8 +67,17 @@ finetune-noise-all: ## Fine-tune every level of GRID (paper003: 5 levels; basis:
 cross-likelihood: ## Cross-likelihood matrices, noise grid and constant-input table (CSV/JSON/PNG/MD + W&B)
 	$(CLI) cross-likelihood $(COMMON) $(ARGS)
 
-bench: ## Training and log-likelihood throughput of the presets, written to $(RUNS)/bench.json
+separate-toy: ## BASIS separation of toy test mixtures: trains and fine-tunes the BASIS grid first if needed
+	$(CLI) train $(COMMON) $(ARGS)
+	$(CLI) finetune-all $(COMMON) finetune.grid=basis $(ARGS)
+	$(CLI) separate $(COMMON) $(SEPARATION_SOURCES) $(ARGS)
+
+separate: ## Separate a file: make separate MIX=song.wav OUT=dir [EXPERIMENT=toy_flow] [FORCE=1]
+	$(CLI) separate-file $(COMMON) mix=$(MIX) out=$(OUT) force=$(FORCE) $(SEPARATION_SOURCES) $(ARGS)
+
+bench: ## Prior throughput ($(RUNS)/bench.json) and Langevin steps/s + peak memory ($(RUNS)/bench_langevin.json)
 	$(PY) -m experiments.bench output=$(RUNS)/bench.json $(ARGS)
+	$(PY) -m experiments.bench_langevin output=$(RUNS)/bench_langevin.json $(LANGEVIN_ARGS)
 
 show-config: ## Print the resolved configuration of EXPERIMENT with PRESET and ARGS
 	$(CLI) show-config $(COMMON) $(ARGS)

@@ -2,7 +2,8 @@
 
     python -m experiments.cli COMMAND [experiment=NAME] [preset=A,B] [sigma=S] [key.sub=value ...]
 
-COMMAND is one of: train, finetune, finetune-all, cross-likelihood, compare, show-config.
+COMMAND is one of: train, finetune, finetune-all, cross-likelihood, compare, separate, separate-file,
+show-config. ``separate-file`` also takes mix=PATH out=DIR [force=1].
 """
 import logging
 import sys
@@ -11,7 +12,9 @@ import warnings
 from experiments.config import ConfigError, load_config
 from experiments.run_layout import parse_sigma
 
-COMMANDS = ("train", "finetune", "finetune-all", "cross-likelihood", "compare", "show-config")
+COMMANDS = ("train", "finetune", "finetune-all", "cross-likelihood", "compare", "separate", "separate-file",
+            "show-config")
+SPECIAL_KEYS = ("experiment", "preset", "sigma", "mix", "out", "force")
 
 
 def parse_args(argv):
@@ -22,7 +25,7 @@ def parse_args(argv):
         key, sep, value = arg.partition("=")
         if not sep:
             raise ConfigError(f"arguments look like key=value; got {arg!r}")
-        if key in ("experiment", "preset", "sigma"):
+        if key in SPECIAL_KEYS:
             special[key] = value
         else:
             overrides.append(arg)
@@ -38,8 +41,10 @@ def main(argv=None):
         sigma = parse_sigma(special["sigma"]) if special.get("sigma", "") != "" else None
         if command == "finetune" and sigma is None:
             raise ConfigError("finetune needs a noise level: make finetune-noise SIGMA=0.077")
-        return run(command, config, sigma)
-    except (ConfigError, ValueError, FileNotFoundError) as error:
+        if command == "separate-file" and not (special.get("mix") and special.get("out")):
+            raise ConfigError("separate-file needs the mixture and an output folder: make separate MIX=song.wav OUT=dir")
+        return run(command, config, sigma, special)
+    except (ConfigError, ValueError, FileNotFoundError, FileExistsError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as error:
@@ -47,7 +52,7 @@ def main(argv=None):
         return 130
 
 
-def run(command, config, sigma):
+def run(command, config, sigma, special):
     # Imported here so that configuration errors are reported without loading torch.
     from experiments.cross_likelihood import run_cross_likelihood
     from experiments.train import finetune, finetune_grid, train_noiseless
@@ -66,6 +71,18 @@ def run(command, config, sigma):
 
         out_dir, _ = run_compare(config)
         print((out_dir / "comparison.md").read_text())
+    elif command == "separate":
+        from experiments.separate import run_separation
+
+        results, out_dir = run_separation(config)
+        if results is not None:
+            print((out_dir / "summary.md").read_text())
+    elif command == "separate-file":
+        from experiments.separate import separate_file
+
+        force = special.get("force", "") not in ("", "0", "false", "no")
+        out_dir, info = separate_file(config, special["mix"], special["out"], force=force)
+        print(f"wrote {', '.join(s + '.wav' for s in info['sources'])} to {out_dir}")
     elif command == "cross-likelihood":
         results, out_dir = run_cross_likelihood(config)
         if results is not None:

@@ -96,6 +96,37 @@ class CrossLikelihoodConfig:
 
 
 @dataclass
+class SeparationConfig:
+    algorithm: str = "basis"  # basis (paper 004 Alg. 1) | sgld (paper 003 App. 5.1)
+    sources: Optional[List[str]] = None  # the sources to separate, a subset of data.sources; None = all
+    n_test: Optional[int] = 16  # the first n test mixtures (a fixed subset); None = the whole test set
+    length: Optional[int] = None  # samples per mixture (and per chunk of a user file); None = data.eval_length
+    batch_size: int = 1  # mixtures per test batch
+    n_chains: int = 4  # posterior samples per mixture, run in parallel
+    mixing: str = "mean"  # mean | sum; or explicit mixing_weights
+    mixing_weights: Optional[List[float]] = None
+    levels: int = 10  # BASIS: geometric noise levels sigma_max -> sigma_min
+    sigma_max: float = 1.0
+    sigma_min: float = 0.01
+    steps_per_level: int = 100
+    delta: float = 2e-5  # eta_i = delta * sigma_i^2 / sigma_L^2
+    # exact: the prior fine-tuned at each level (make finetune-noise-all GRID=basis);
+    # nearest: the finished prior nearest in log-sigma (labelled in the results).
+    prior_levels: str = "exact"
+    sgld_steps: int = 1000
+    sgld_eta: float = 2e-5
+    sgld_gamma: float = 0.01
+    sgld_prior_sigma: float = 0.01  # the prior SGLD uses (0 = noiseless)
+    selection_sigma: Optional[float] = None  # prior that ranks the chains; None = the last level's
+    init_range: float = 1.0  # chains start uniform in [-init_range, init_range]
+    seed: int = 0
+    museval: bool = True
+    write_wavs: bool = True
+    n_audio_examples: int = 4  # mixtures logged as audio to W&B
+    min_seconds: float = 0.1  # shortest user file accepted
+
+
+@dataclass
 class WandbConfig:
     enabled: bool = True
     project: str = "generative-separation"
@@ -116,6 +147,7 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     cross_likelihood: CrossLikelihoodConfig = field(default_factory=CrossLikelihoodConfig)
+    separation: SeparationConfig = field(default_factory=SeparationConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 

@@ -1,0 +1,133 @@
+"""Writes a separation test loop's results: WAVs (every rank, its own mixtures), then on rank zero the
+per-mixture CSV, the summary JSON/Markdown, the annealing trace plot, and W&B tables and audio."""
+import csv
+import io
+import json
+import math
+from pathlib import Path
+
+import pytorch_lightning as pl
+from pytorch_lightning.loggers import WandbLogger
+
+from callbacks.atomic_io import atomic_write, atomic_write_text
+from datamodules.audio_file import write_wav
+
+
+class SeparationReport(pl.Callback):
+    def __init__(self, out_dir, sample_rate, config=None, write_wavs=True, n_audio_examples=4):
+        self.out_dir, self.sample_rate, self.config = Path(out_dir), sample_rate, config
+        self.write_wavs, self.n_audio_examples = write_wavs, n_audio_examples
+        self.audio_examples, self.paths = [], None
+
+    def on_test_epoch_start(self, trainer, pl_module):
+        self.audio_examples = []
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        sources = pl_module.sources
+        for b, index in enumerate(outputs["index"].tolist()):
+            tracks = {"mix": outputs["mix"][b]}
+            tracks.update({f"reference_{s}": outputs["references"][b, k] for k, s in enumerate(sources)})
+            for method, estimates in outputs["estimates"].items():
+                tracks.update({f"{method}_{s}": estimates[b, k] for k, s in enumerate(sources)})
+            if self.write_wavs:
+                for name, audio in tracks.items():
+                    write_wav(self.out_dir / "wav" / f"{index:05d}" / f"{name}.wav", audio, self.sample_rate)
+            if trainer.is_global_zero and len(self.audio_examples) < self.n_audio_examples:
+                self.audio_examples.append((index, {k: v.float().cpu().numpy() for k, v in tracks.items()}))
+
+    def on_test_end(self, trainer, pl_module):
+        if not trainer.is_global_zero:
+            return
+        self.paths = write_report(pl_module.results, self.out_dir, self.config)
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                self.log_to_wandb(pl_module.results, logger.experiment)
+
+    def log_to_wandb(self, results, run):
+        import wandb
+
+        columns = list(results["rows"][0])
+        payload = {
+            "separation/rows": wandb.Table(columns=columns, data=[[r.get(c) for c in columns] for r in results["rows"]]),
+            "separation/summary": wandb.Table(
+                columns=["method", "si_sdr", "si_sdri", "sdr"],
+                data=[[m, s.get("si_sdr"), s.get("si_sdri"), s.get("sdr")] for m, s in results["summary"].items()],
+            ),
+            "separation/trace": wandb.Image(str(self.paths["trace"])),
+        }
+        for index, tracks in self.audio_examples:
+            for name, audio in tracks.items():
+                payload[f"separation/audio/{index:05d}/{name}"] = wandb.Audio(audio, sample_rate=self.sample_rate)
+        run.log(payload)
+
+
+def write_report(results, out_dir, config=None):
+    out = Path(out_dir)
+    paths = {"csv": atomic_write(out / "separation.csv", lambda stream: write_csv(results["rows"], stream))}
+    payload = {k: v for k, v in results.items() if k != "rows"} | {"config": config}
+    paths["json"] = atomic_write_text(out / "summary.json", json.dumps(payload, indent=2, allow_nan=True))
+    paths["summary"] = atomic_write_text(out / "summary.md", summary_markdown(results))
+    paths["trace"] = atomic_write(out / "trace.png", lambda stream: plot_trace(results["trace"], stream), binary=True)
+    return paths
+
+
+def write_csv(rows, stream):
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    writer = csv.DictWriter(stream, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+
+
+def summary_markdown(results):
+    sources = results["sources"]
+    lines = [
+        f"# {results['algorithm']} separation: {results['count']} mixtures of {', '.join(sources)}, "
+        f"{results['n_chains']} chain(s) each",
+        "",
+        "Means over mixtures, dB. SI-SDRi = SI-SDR minus the mix's own SI-SDR against each reference.",
+        "",
+        "| method | SI-SDR | SI-SDRi | SDR (BSSEval v4) | " + " | ".join(f"SI-SDR {s}" for s in sources) + " |",
+        "|---|---|---|---|" + "---|" * len(sources),
+    ]
+    for method, stats in results["summary"].items():
+        cells = [fmt(stats.get("si_sdr")), fmt(stats.get("si_sdri")), fmt(stats.get("sdr"))]
+        cells += [fmt(stats.get(f"si_sdr_{s}")) for s in sources]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    lines += ["", f"Wall time {results['seconds']:.1f} s; non-finite prior gradients skipped: "
+              f"{results['nonfinite_prior_gradients']}.", ""]
+    return "\n".join(lines)
+
+
+def fmt(value):
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.2f}"
+
+
+def plot_trace(trace, stream):
+    """Log-likelihood and mixture error along the annealing, one shaded band per level."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = range(len(trace["loglik"]))
+    figure, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
+    top.plot(steps, trace["loglik"])
+    top.set_ylabel("log-lik (nats/sample)\nunder the level's prior")
+    top.set_yscale("symlog")
+    bottom.plot(steps, trace["mix_error"])
+    bottom.set_ylabel("||m - g(x)||^2 / T")
+    bottom.set_yscale("log")
+    bottom.set_xlabel("Langevin step")
+    start = 0
+    for i, (sigma, count) in enumerate(zip(trace["level_sigmas"], trace["steps_per_level"])):
+        for axis in (top, bottom):
+            if i % 2:
+                axis.axvspan(start, start + count, color="0.92")
+        top.text(start + count / 2, 1.0, f"{sigma:g}", transform=top.get_xaxis_transform(), ha="center",
+                 va="bottom", fontsize=7)
+        start += count
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110)
+    plt.close(figure)
+    stream.write(buffer.getvalue())

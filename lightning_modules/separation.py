@@ -1,0 +1,148 @@
+"""Langevin separation of a datamodule's test mixtures as a trainer ``test`` loop.
+
+Each mixture is separated by ``n_chains`` parallel chains and scored against its references with the
+baselines beside it, one row per (mixture, method):
+
+* ``average``: every source = m (1/N) / alpha_k (paper 004 section 5);
+* ``<algorithm>``: one posterior sample (chain 0);
+* ``<algorithm>_likelihood_of_C``: the chain the selection prior likes best (paper 004's "10x": the
+  samples meet the mixture, so p(x | m) is proportional to p(x));
+* ``<algorithm>_oracle_of_C``: the chain with the best mean SI-SDR (needs the references; an upper bound).
+
+Rows of every rank are gathered, so the result covers each test mixture once whatever the sharding;
+the sampler's noise is seeded per mixture index, so it does not depend on the sharding either.
+"""
+import time
+
+import pytorch_lightning as pl
+import torch
+import torch.distributed as dist
+
+from lightning_modules.separation_metrics import average_baseline, bss_sdr, si_sdr, si_sdr_of_mix
+
+SEED_STRIDE = 1_000_003
+
+
+class SeparationModule(pl.LightningModule):
+    def __init__(self, separator, sources, algorithm="basis", n_chains=1, selection_prior=None, seed=0,
+                 sample_rate=16000, museval=True):
+        super().__init__()
+        if n_chains < 1:
+            raise ValueError(f"n_chains must be >= 1, got {n_chains}")
+        self.separator = separator
+        self.selection_prior = selection_prior if selection_prior is not None else separator.priors[-1]
+        self.sources, self.algorithm, self.n_chains = list(sources), algorithm, n_chains
+        self.seed, self.sample_rate, self.museval = seed, sample_rate, museval
+        for parameter in self.parameters():
+            parameter.requires_grad_(False)
+        steps = separator.n_steps
+        self.register_buffer("trace_loglik", torch.zeros(steps, dtype=torch.float64))
+        self.register_buffer("trace_mix_error", torch.zeros(steps, dtype=torch.float64))
+        self.register_buffer("count", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("nonfinite_steps", torch.zeros((), dtype=torch.float64))
+        self.rows, self.results, self.started = [], None, None
+
+    def method_names(self):
+        names = ["average", self.algorithm]
+        if self.n_chains > 1:
+            names += [f"{self.algorithm}_likelihood_of_{self.n_chains}", f"{self.algorithm}_oracle_of_{self.n_chains}"]
+        return names
+
+    def on_test_epoch_start(self):
+        for buffer in (self.trace_loglik, self.trace_mix_error, self.count, self.nonfinite_steps):
+            buffer.zero_()
+        self.rows, self.started = [], time.time()
+
+    def test_step(self, batch, batch_idx):
+        mix, references, indices = batch["mix"].float(), batch["sources"].float(), batch["index"]
+        seeds = [self.seed * SEED_STRIDE + int(i) for i in indices]
+        with torch.inference_mode(False), torch.enable_grad():
+            estimates, trace = self.separator(mix.clone(), self.n_chains, seeds)  # [B, C, N, T]
+        self.trace_loglik += trace["loglik"].double().sum(dim=0)
+        self.trace_mix_error += trace["mix_error"].double().sum(dim=0)
+        self.count += mix.shape[0]
+        self.nonfinite_steps += self.separator.nonfinite_steps
+        with torch.autocast(self.device.type, enabled=False), torch.no_grad():
+            batch_size, n_chains, n_sources, length = estimates.shape
+            loglik = self.selection_prior.log_prob(estimates.flatten(0, 1)).float().view(batch_size, n_chains, -1)
+            chosen = self.choose(estimates, loglik.mean(dim=2), references)
+            rows = self.score(mix, references, indices, estimates, chosen, loglik)
+        self.rows.extend(rows)
+        return {"index": indices, "mix": mix, "references": references,
+                "estimates": {name: estimates[torch.arange(batch_size), chain] for name, chain in chosen.items()}}
+
+    def choose(self, estimates, loglik, references):
+        """Which chain each method takes, per mixture: {method: [B] chain indices}."""
+        batch_size = estimates.shape[0]
+        chosen = {self.algorithm: torch.zeros(batch_size, dtype=torch.long, device=estimates.device)}
+        if self.n_chains > 1:
+            quality = si_sdr(estimates, references.unsqueeze(1)).mean(dim=2)  # [B, C]
+            chosen[f"{self.algorithm}_likelihood_of_{self.n_chains}"] = loglik.nan_to_num(nan=-torch.inf).argmax(dim=1)
+            chosen[f"{self.algorithm}_oracle_of_{self.n_chains}"] = quality.argmax(dim=1)
+        return chosen
+
+    def score(self, mix, references, indices, estimates, chosen, loglik):
+        alpha = self.separator.alpha
+        mix_scores = si_sdr_of_mix(mix, references)  # [B, N]
+        rows = []
+        for b, index in enumerate(indices.tolist()):
+            candidates = {"average": (average_baseline(mix[b], alpha), None)}
+            candidates.update({name: (estimates[b, chain[b]], int(chain[b])) for name, chain in chosen.items()})
+            for name, (estimate, chain) in candidates.items():
+                scores = si_sdr(estimate, references[b])
+                row = {"index": index, "method": name, "chain": chain}
+                residual = mix[b] - (alpha.unsqueeze(-1) * estimate).sum(dim=0)
+                row["mix_error"] = float(residual.double().pow(2).mean())
+                row["loglik"] = float(loglik[b, chain].mean()) if chain is not None else None
+                self.add_scores(row, "si_sdr", scores)
+                self.add_scores(row, "si_sdri", scores - mix_scores[b])
+                if self.museval:
+                    self.add_scores(row, "sdr", bss_sdr(estimate, references[b], self.sample_rate))
+                rows.append(row)
+        return rows
+
+    def add_scores(self, row, metric, values):
+        values = [float(v) for v in values]
+        for name, value in zip(self.sources, values):
+            row[f"{metric}_{name}"] = value
+        row[metric] = sum(values) / len(values)
+
+    def on_test_epoch_end(self):
+        reduce = self.trainer.strategy.reduce
+        count = reduce(self.count.clone(), reduce_op="sum")
+        if count == 0:
+            raise RuntimeError("the separation test set is empty")
+        trace = {
+            "loglik": (reduce(self.trace_loglik.clone(), reduce_op="sum") / count).tolist(),
+            "mix_error": (reduce(self.trace_mix_error.clone(), reduce_op="sum") / count).tolist(),
+            "level_sigmas": [level.sigma for level in self.separator.levels],
+            "steps_per_level": [level.steps for level in self.separator.levels],
+        }
+        nonfinite = int(reduce(self.nonfinite_steps.clone(), reduce_op="sum").item())
+        rows = self.rows
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            gathered = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, rows)
+            rows = [row for part in gathered for row in part]
+        order = {name: i for i, name in enumerate(self.method_names())}
+        rows = sorted(rows, key=lambda row: (row["index"], order[row["method"]]))
+        self.results = {
+            "algorithm": self.algorithm, "sources": self.sources, "n_chains": self.n_chains,
+            "count": int(count.item()), "seconds": time.time() - self.started,
+            "nonfinite_prior_gradients": nonfinite, "summary": summarize(rows, self.method_names()),
+            "rows": rows, "trace": trace,
+        }
+        for name, stats in self.results["summary"].items():
+            for metric in ("si_sdr", "si_sdri", "sdr"):
+                if metric in stats:
+                    self.log(f"separation/{name}/{metric}", stats[metric], rank_zero_only=True)
+
+
+def summarize(rows, methods):
+    """Mean of every numeric column, per method."""
+    summary = {}
+    for name in methods:
+        selected = [row for row in rows if row["method"] == name]
+        keys = [k for k in selected[0] if k.startswith(("si_sdr", "si_sdri", "sdr", "mix_error"))] if selected else []
+        summary[name] = {"count": len(selected), **{k: sum(r[k] for r in selected) / len(selected) for k in keys}}
+    return summary

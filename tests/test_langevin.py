@@ -1,0 +1,107 @@
+"""The Langevin samplers against an analytic Gaussian prior, whose posterior is known in closed form."""
+import math
+
+import pytest
+import torch
+
+from lightning_modules.langevin import LangevinSeparator, basis_levels, mixing_weights, sgld_levels
+from lightning_modules.nn.gaussian_prior import GaussianPrior
+
+MEANS, STDS = [0.2, -0.1, 0.0, 0.3], [0.1, 0.15, 0.2, 0.12]
+BASIS_SIGMAS = torch.logspace(0, -2, 10).tolist()
+
+
+def gaussian_mixture(alpha, length=1024, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    sources = torch.tensor(MEANS).view(-1, 1) + torch.tensor(STDS).view(-1, 1) * torch.randn(4, length, generator=generator)
+    return (alpha.view(-1, 1) * sources).sum(dim=0, keepdim=True)  # [1, T]
+
+
+def empirical_moments(samples, exact_means):
+    """samples [C, N, T]: mean and covariance of the deviation from the exact posterior mean."""
+    deviation = samples.double() - exact_means
+    count = deviation.shape[0] * deviation.shape[2]
+    return deviation.mean(dim=(0, 2)), torch.einsum("cnt,cmt->nm", deviation, deviation) / count
+
+
+@pytest.mark.parametrize("mixing", ["mean", "sum"])
+def test_basis_matches_the_exact_posterior_at_the_end_of_annealing(mixing):
+    alpha = mixing_weights(mixing, 4)
+    mix = gaussian_mixture(alpha)
+    priors = [GaussianPrior(MEANS, STDS, noise_sigma=s) for s in BASIS_SIGMAS]
+    separator = LangevinSeparator(priors, basis_levels(BASIS_SIGMAS, delta=2e-5, steps=100), alpha)
+    samples, trace = separator(mix, n_chains=8, seeds=[0])
+    # The last level targets p_{sigma_L}(x) N(m; g(x), sigma_L^2).
+    exact_means, exact_cov = priors[-1].posterior(mix[0], alpha, gamma=BASIS_SIGMAS[-1])
+    bias, cov = empirical_moments(samples[0], exact_means)
+    scale = exact_cov.diagonal().sqrt()
+    assert (bias.abs() < 0.05 * scale).all(), (bias, scale)
+    # Annealing freezes the slowest directions a little above the target: within 15 %.
+    assert torch.allclose(cov.diagonal(), exact_cov.diagonal(), rtol=0.15), (cov.diagonal(), exact_cov.diagonal())
+    # The mixture constraint is met: ||m - g(x)||^2 / T is of the order gamma_L^2, far below where it started.
+    residual = mix - (alpha.view(1, -1, 1) * samples[0]).sum(dim=1)
+    assert residual.pow(2).mean() < 2 * BASIS_SIGMAS[-1] ** 2, residual.pow(2).mean()
+    assert trace["mix_error"][0, -1] < 0.01 * trace["mix_error"][0, 0]
+    assert trace["loglik"].shape == (1, 1000)
+
+
+def test_sgld_samples_the_exact_posterior():
+    alpha = mixing_weights("mean", 4)
+    mix = gaussian_mixture(alpha, seed=1)
+    gamma = 0.05
+    prior = GaussianPrior(MEANS, STDS)
+    separator = LangevinSeparator([prior], sgld_levels(eta=2e-4, gamma=gamma, steps=3000), alpha)
+    samples, _ = separator(mix, n_chains=8, seeds=[1])
+    exact_means, exact_cov = prior.posterior(mix[0], alpha, gamma)
+    bias, cov = empirical_moments(samples[0], exact_means)
+    assert (bias.abs() < 0.05 * exact_cov.diagonal().sqrt()).all()
+    assert torch.allclose(cov, exact_cov, atol=0.1 * exact_cov.diagonal().min()), (cov, exact_cov)
+
+
+def test_basis_schedule_and_mixing_constants():
+    levels = basis_levels([1.0, 0.1, 0.01], delta=2e-5, steps=7)
+    assert [lv.eta for lv in levels] == pytest.approx([0.2, 2e-3, 2e-5])
+    assert [lv.gamma for lv in levels] == [1.0, 0.1, 0.01]
+    # eta / gamma^2 is the same at every level: delta / sigma_L^2.
+    assert {round(lv.eta / lv.gamma**2, 12) for lv in levels} == {0.2}
+    assert mixing_weights("mean", 4).tolist() == [0.25] * 4
+    assert mixing_weights("sum", 3).tolist() == [1.0] * 3
+    with pytest.raises(ValueError, match="largest to smallest"):
+        basis_levels([0.01, 1.0])
+    with pytest.raises(ValueError, match="unknown mixing"):
+        mixing_weights("median", 2)
+
+
+def test_mixture_term_is_the_gradient_of_the_gaussian_likelihood():
+    """One step with a flat prior, no noise contribution checked: the drift equals eta * alpha (m - g)/gamma^2."""
+    alpha = torch.tensor([0.3, 0.7])
+    gamma, eta = 0.5, 1e-3
+    x = torch.randn(1, 2, 16, requires_grad=True)
+    mix = torch.randn(1, 16)
+    log_likelihood = -((mix - (alpha.view(1, -1, 1) * x).sum(dim=1)) ** 2).sum() / (2 * gamma**2)
+    (expected,) = torch.autograd.grad(log_likelihood, x)
+    residual = mix.unsqueeze(1) - (alpha.view(1, -1, 1) * x.detach()).sum(dim=1, keepdim=True)
+    assert torch.allclose((eta / gamma**2) * alpha.view(1, -1, 1) * residual, eta * expected, atol=1e-7)
+
+
+def test_chains_are_reproducible_and_independent_of_batching():
+    alpha = mixing_weights("mean", 4)
+    mixes = torch.cat([gaussian_mixture(alpha, 256, seed=s) for s in range(2)])
+    priors = [GaussianPrior(MEANS, STDS, noise_sigma=s) for s in (1.0, 0.1)]
+    separator = LangevinSeparator(priors, basis_levels([1.0, 0.1], steps=5), alpha)
+    together, _ = separator(mixes, n_chains=3, seeds=[10, 11])
+    alone, _ = separator(mixes[1:], n_chains=3, seeds=[11])
+    assert torch.allclose(together[1], alone[0], atol=1e-6)
+    assert not torch.allclose(together[0, 0], together[0, 1])  # chains differ
+
+
+def test_a_diverging_prior_gradient_skips_the_step_instead_of_poisoning_the_chain():
+    class Exploding(GaussianPrior):
+        def log_prob(self, x):
+            out = super().log_prob(x)
+            return out + (x[:, :1, :1].sum() * math.inf if x.shape[0] else 0)
+
+    alpha = mixing_weights("mean", 4)
+    separator = LangevinSeparator([Exploding(MEANS, STDS)], sgld_levels(1e-4, 0.1, 3), alpha)
+    samples, _ = separator(gaussian_mixture(alpha, 64), n_chains=2, seeds=[0])
+    assert torch.isfinite(samples).all() and separator.nonfinite_steps == 6
