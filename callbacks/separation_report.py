@@ -113,7 +113,6 @@ def plot_trace(trace, stream):
     figure, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
     top.plot(steps, trace["loglik"])
     top.set_ylabel("log-lik (nats/sample)\nunder the level's prior")
-    top.set_yscale("symlog")
     bottom.plot(steps, trace["mix_error"])
     bottom.set_ylabel("||m - g(x)||^2 / T")
     bottom.set_yscale("log")

@@ -87,6 +87,11 @@ def build_separator(config):
     loaded = {}
     for sigma in sorted(set(used)):
         prior = load_prior(prior_dir(config, sigma), list(config.data.sources), to_dict(config.model)).prior
+        if not getattr(prior, "has_density_gradient", True):
+            raise ConfigError(
+                f"the priors of {experiment_dir(config)} have no density gradient (a mu-law WaveNet scores "
+                f"discrete classes); Langevin needs model.likelihood=smoothed: train a run with it"
+            )
         loaded[sigma] = SourceSubset(prior, list(config.data.sources), sources).eval()
     alpha = mixing_weights(sep.mixing, len(sources), sep.mixing_weights)
     separator = LangevinSeparator([loaded[s] for s in used[:-1]], levels, alpha, sep.init_range)

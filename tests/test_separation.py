@@ -174,3 +174,15 @@ def test_separation_errors_name_the_fix(flow_run, tmp_path, capsys):
     assert code == 2 and "unknown separation.algorithm" in capsys.readouterr().err
     code = main(["separate-file", *flow_run])
     assert code == 2 and "MIX=" in capsys.readouterr().err
+
+
+def test_a_mulaw_wavenet_is_refused_for_langevin(tmp_path, capsys):
+    from experiments.cli import main
+    from tests.conftest import TINY_WAVENET
+
+    overrides = TINY_WAVENET + [f"output_root={tmp_path}", "trainer.max_steps=2", "trainer.val_check_interval=2",
+                                "separation.prior_levels=nearest"]
+    train_noiseless(load_config("toy_wavenet", "default", overrides))
+    code = main(["separate", "experiment=toy_wavenet", *overrides])
+    assert code == 2 and "model.likelihood=smoothed" in capsys.readouterr().err
+    assert not (tmp_path / "toy_wavenet" / "default" / "separation").exists()

@@ -57,6 +57,11 @@ class WaveNet(nn.Module):
         self.register_buffer("centres", torch.linspace(-1.0, 1.0, cfg.n_classes))
 
     @property
+    def has_density_gradient(self):
+        """Whether grad_x log_prob is the gradient of a density (what Langevin separation needs)."""
+        return self.cfg.likelihood != "mulaw"
+
+    @property
     def smoothing_sigma(self):
         return self.cfg.smoothing_sigma or 2.0 / (self.cfg.n_classes - 1)
 
