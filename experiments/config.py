@@ -98,6 +98,7 @@ class CrossLikelihoodConfig:
 @dataclass
 class SeparationConfig:
     algorithm: str = "basis"  # basis (paper 004 Alg. 1) | sgld (paper 003 App. 5.1)
+    name: Optional[str] = None  # output folder under separation/; None = <algorithm>_<sources>
     sources: Optional[List[str]] = None  # the sources to separate, a subset of data.sources; None = all
     n_test: Optional[int] = 16  # the first n test mixtures (a fixed subset); None = the whole test set
     length: Optional[int] = None  # samples per mixture (and per chunk of a user file); None = data.eval_length

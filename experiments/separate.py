@@ -105,7 +105,7 @@ def check_length(separator, length):
 
 
 def output_name(config, sources):
-    return f"{config.separation.algorithm}_{'-'.join(sources)}"
+    return config.separation.name or f"{config.separation.algorithm}_{'-'.join(sources)}"
 
 
 def run_separation(config):

@@ -11,6 +11,7 @@ import pytest
 import soundfile
 import torch
 
+from callbacks.separation_report import SeparationReport
 from experiments.config import load_config
 from experiments.run_layout import experiment_dir
 from experiments.separate import run_separation, separate_file
@@ -63,6 +64,19 @@ def test_separation_test_loop_writes_every_result(flow_run):
         assert (out_dir / name).is_file(), name
     audio, rate = soundfile.read(out_dir / "wav/00002/basis_sine.wav")
     assert rate == 16000 and audio.shape == (256,)
+    # What W&B receives (offline objects, no network): the tables, the trace and the audio.
+    logged = {}
+
+    class Run:
+        def log(self, payload):
+            logged.update(payload)
+
+    report = SeparationReport(out_dir, 16000)
+    report.paths = {"trace": out_dir / "trace.png"}
+    report.audio_examples = [(0, {"mix": audio.astype(np.float32)})]
+    report.log_to_wandb(results, Run())
+    assert {"separation/rows", "separation/summary", "separation/trace", "separation/audio/00000/mix"} <= set(logged)
+    assert len(logged["separation/rows"].data) == 20
 
 
 def test_reported_metrics_equal_museval_and_torchmetrics_on_the_written_audio(flow_run):
@@ -186,3 +200,17 @@ def test_a_mulaw_wavenet_is_refused_for_langevin(tmp_path, capsys):
     code = main(["separate", "experiment=toy_wavenet", *overrides])
     assert code == 2 and "model.likelihood=smoothed" in capsys.readouterr().err
     assert not (tmp_path / "toy_wavenet" / "default" / "separation").exists()
+
+
+def test_a_smoothed_wavenet_separates_through_the_same_loop(tmp_path):
+    from tests.conftest import TINY_WAVENET
+
+    overrides = TINY_WAVENET + SEPARATION + [
+        f"output_root={tmp_path}", "model.likelihood=smoothed", "trainer.max_steps=4", "trainer.val_check_interval=2",
+        "separation.n_test=2", "separation.steps_per_level=2", "separation.museval=false"]
+    config = load_config("toy_wavenet", "default", overrides)
+    train_noiseless(config)
+    results, out_dir = run_separation(config)
+    assert results["count"] == 2 and results["summary"]["basis"]["count"] == 2
+    assert all(np.isfinite(r["si_sdr"]) for r in results["rows"])
+    assert results["nonfinite_prior_gradients"] == 0
