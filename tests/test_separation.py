@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 SEPARATION = [
     "separation.levels=3", "separation.sigma_max=0.3", "separation.sigma_min=0.03", "separation.steps_per_level=4",
     "separation.n_test=5", "separation.n_chains=3", "separation.batch_size=2", "separation.prior_levels=nearest",
-    "separation.n_audio_examples=1",
+    "separation.n_audio_examples=1", "separation.length=256",
 ]
 
 
