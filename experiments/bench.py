@@ -106,17 +106,40 @@ def bench_sampling(wavenet, device, cached_length=2000, uncached_length=200):
     return out
 
 
-def main(argv):
-    options = {"output": "runs/bench.json", "experiments": "toy_flow,toy_wavenet", "presets": "default,paper",
-               "steps": "3", "device": "auto", "precision": "32", "paper_batch_size": "", "paper_crop_length": ""}
+def parse_options(argv, options):
+    """key=value arguments into ``options`` (its keys are the known ones); False after an error message."""
     for arg in argv:
         key, _, value = arg.partition("=")
         if key not in options:
             print(f"error: unknown option {key!r}; known: {sorted(options)}", file=sys.stderr)
-            return 2
+            return False
         options[key] = value
-    device = torch.device("cuda" if options["device"] == "auto" and torch.cuda.is_available()
-                          else ("cpu" if options["device"] == "auto" else options["device"]))
+    return True
+
+
+def pick_device(name):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def write_bench(options, device, results):
+    report = {
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+        "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+        "precision": options["precision"], "results": results,
+    }
+    atomic_write_text(options["output"], json.dumps(report, indent=2))
+    print(f"written to {options['output']}")
+    return 0
+
+
+def main(argv):
+    options = {"output": "runs/bench.json", "experiments": "toy_flow,toy_wavenet", "presets": "default,paper",
+               "steps": "3", "device": "auto", "precision": "32", "paper_batch_size": "", "paper_crop_length": ""}
+    if not parse_options(argv, options):
+        return 2
+    device = pick_device(options["device"])
     # Full paper batches of 16384-sample crops need tens of GiB of activations: on CPU use batch 1.
     on_cpu = device.type != "cuda"
     paper_batch = int(options["paper_batch_size"] or (1 if on_cpu else 0)) or None
@@ -131,14 +154,7 @@ def main(argv):
             results.append(bench_preset(experiment, preset, device, options["precision"], int(options["steps"]),
                                         paper_batch if paper else None, crop if paper else None))
             print(json.dumps(results[-1], indent=2), flush=True)
-    report = {
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
-        "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-        "precision": options["precision"], "results": results,
-    }
-    atomic_write_text(options["output"], json.dumps(report, indent=2))
-    print(f"written to {options['output']}")
-    return 0
+    return write_bench(options, device, results)
 
 
 if __name__ == "__main__":

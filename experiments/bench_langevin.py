@@ -9,7 +9,6 @@ memory (CPU) or peak allocated GPU memory (CUDA). The priors have random weights
 not depend on them. The WaveNet is measured with the smoothed likelihood, the one Langevin can use.
 """
 import json
-import platform
 import resource
 import subprocess
 import sys
@@ -17,8 +16,7 @@ import time
 
 import torch
 
-from callbacks.atomic_io import atomic_write_text
-from experiments.bench import autocast, synchronize
+from experiments.bench import autocast, parse_options, pick_device, synchronize, write_bench
 from experiments.config import load_config, to_dict
 from lightning_modules.langevin import LangevinSeparator, mixing_weights, sgld_levels
 from lightning_modules.prior_registry import build_prior
@@ -64,14 +62,9 @@ def bench_case(experiment, preset, device, precision, steps, chains, seconds):
 def main(argv):
     options = {"output": "runs/bench_langevin.json", "cases": "toy_flow:default,toy_wavenet:default",
                "chains": "16", "seconds": "1.0", "steps": "2", "device": "auto", "precision": "32", "one": ""}
-    for arg in argv:
-        key, _, value = arg.partition("=")
-        if key not in options:
-            print(f"error: unknown option {key!r}; known: {sorted(options)}", file=sys.stderr)
-            return 2
-        options[key] = value
-    device = torch.device("cuda" if options["device"] == "auto" and torch.cuda.is_available()
-                          else ("cpu" if options["device"] == "auto" else options["device"]))
+    if not parse_options(argv, options):
+        return 2
+    device = pick_device(options["device"])
     if options["one"]:  # child process: one case, JSON on stdout
         experiment, preset = options["one"].split(":")
         result = bench_case(experiment, preset, device, options["precision"], int(options["steps"]),
@@ -89,14 +82,7 @@ def main(argv):
             return done.returncode
         results.append(json.loads(done.stdout.strip().splitlines()[-1]))
         print(json.dumps(results[-1], indent=2), flush=True)
-    report = {
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
-        "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-        "precision": options["precision"], "results": results,
-    }
-    atomic_write_text(options["output"], json.dumps(report, indent=2))
-    print(f"written to {options['output']}")
-    return 0
+    return write_bench(options, device, results)
 
 
 if __name__ == "__main__":

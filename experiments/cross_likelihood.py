@@ -4,9 +4,9 @@ import logging
 
 from callbacks.cross_likelihood_callback import CrossLikelihoodReport
 from datamodules.registry import build_datamodule
-from experiments.config import save_config, to_dict
+from experiments.config import to_dict
 from experiments.run_layout import canonical_sigma, experiment_dir, finished_sigmas, load_prior, prior_dir
-from experiments.trainer_factory import build_trainer
+from experiments.trainer_factory import run_test_loop
 from lightning_modules.cross_likelihood import CrossLikelihoodModule
 
 log = logging.getLogger(__name__)
@@ -49,11 +49,7 @@ def run_cross_likelihood(config):
         latent_only=cl.latent_only, noise_seed=cl.noise_seed,
     )
     report = CrossLikelihoodReport(out_dir, to_dict(config))
-    trainer = build_trainer(config, out_dir, "cross_likelihood", callbacks=[report])
-    trainer.test(module, datamodule=build_datamodule(config.data, seed=config.seed, n_test=cl.n_test))
-    if trainer.is_global_zero:
-        save_config(config, out_dir / "config.yaml")
-        log.info("cross-likelihood written to %s", out_dir)
-    for logger in trainer.loggers:
-        logger.finalize("success")
-    return module.results, out_dir
+    datamodule = build_datamodule(config.data, seed=config.seed, n_test=cl.n_test)
+    results = run_test_loop(config, module, datamodule, out_dir, "cross_likelihood", [report])
+    log.info("cross-likelihood written to %s", out_dir)
+    return results, out_dir

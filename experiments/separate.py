@@ -20,7 +20,7 @@ from datamodules.audio_file import read_mono, write_wav
 from datamodules.registry import build_datamodule
 from experiments.config import ConfigError, save_config, to_dict
 from experiments.run_layout import basis_sigmas, canonical_sigma, experiment_dir, finished_sigmas, load_prior, prior_dir
-from experiments.trainer_factory import build_trainer
+from experiments.trainer_factory import run_test_loop
 from lightning_modules.langevin import LangevinSeparator, basis_levels, mixing_weights, sgld_levels
 from lightning_modules.nn.source_subset import SourceSubset
 from lightning_modules.separation import SEED_STRIDE, SeparationModule
@@ -120,14 +120,10 @@ def run_separation(config):
                               sample_rate=config.data.sample_rate, museval=sep.museval)
     record = to_dict(config) | {"prior_sigma_per_level": used[:-1], "selection_prior_sigma": used[-1]}
     report = SeparationReport(out_dir, config.data.sample_rate, record, sep.write_wavs, sep.n_audio_examples)
-    trainer = build_trainer(config, out_dir, "separation", callbacks=[report])
-    trainer.test(module, datamodule=build_datamodule(data, seed=config.seed, n_test=sep.n_test))
-    if trainer.is_global_zero:
-        save_config(config, out_dir / "config.yaml")
-        log.info("separation written to %s", out_dir)
-    for logger in trainer.loggers:
-        logger.finalize("success")
-    return module.results, out_dir
+    datamodule = build_datamodule(data, seed=config.seed, n_test=sep.n_test)
+    results = run_test_loop(config, module, datamodule, out_dir, "separation", [report])
+    log.info("separation written to %s", out_dir)
+    return results, out_dir
 
 
 @torch.no_grad()

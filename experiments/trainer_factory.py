@@ -7,7 +7,7 @@ import pytorch_lightning as pl
 from pytorch_lightning.loggers import CSVLogger, WandbLogger
 
 from callbacks.atomic_checkpoint_io import AtomicCheckpointIO
-from experiments.config import to_dict
+from experiments.config import save_config, to_dict
 
 
 def build_loggers(config, run_dir, job_type):
@@ -48,3 +48,14 @@ def build_trainer(config, run_dir, job_type, callbacks=(), max_steps=-1, val_che
         callbacks=list(callbacks),
         default_root_dir=str(run_dir),
     )
+
+
+def run_test_loop(config, module, datamodule, out_dir, job_type, callbacks):
+    """``trainer.test`` with our loggers; the resolved config is saved beside the results (rank zero)."""
+    trainer = build_trainer(config, out_dir, job_type, callbacks=callbacks)
+    trainer.test(module, datamodule=datamodule)
+    if trainer.is_global_zero:
+        save_config(config, Path(out_dir) / "config.yaml")
+    for logger in trainer.loggers:
+        logger.finalize("success")
+    return module.results
