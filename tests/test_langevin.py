@@ -72,16 +72,26 @@ def test_basis_schedule_and_mixing_constants():
         mixing_weights("median", 2)
 
 
-def test_mixture_term_is_the_gradient_of_the_gaussian_likelihood():
-    """One step with a flat prior, no noise contribution checked: the drift equals eta * alpha (m - g)/gamma^2."""
+def test_one_step_adds_the_gradient_of_the_gaussian_mixture_likelihood():
+    """With a flat prior, one sampler step is x0 + sqrt(2 eta) eps + eta * grad_x log N(m; g(x0), gamma^2 I)."""
+
+    class Flat(torch.nn.Module):
+        def log_prob(self, x):
+            return 0.0 * x.sum(dim=2)
+
     alpha = torch.tensor([0.3, 0.7])
-    gamma, eta = 0.5, 1e-3
-    x = torch.randn(1, 2, 16, requires_grad=True)
+    gamma, eta, seed = 0.5, 1e-3, 7
     mix = torch.randn(1, 16)
-    log_likelihood = -((mix - (alpha.view(1, -1, 1) * x).sum(dim=1)) ** 2).sum() / (2 * gamma**2)
-    (expected,) = torch.autograd.grad(log_likelihood, x)
-    residual = mix.unsqueeze(1) - (alpha.view(1, -1, 1) * x.detach()).sum(dim=1, keepdim=True)
-    assert torch.allclose((eta / gamma**2) * alpha.view(1, -1, 1) * residual, eta * expected, atol=1e-7)
+    separator = LangevinSeparator([Flat()], sgld_levels(eta, gamma, steps=1), alpha)
+    x1, _ = separator(mix, n_chains=2, seeds=[seed])
+    # The same draws as the sampler: the start, then the step's noise, from the mixture's generator.
+    generator = torch.Generator().manual_seed(seed)
+    x0 = (2 * torch.rand((2, 2, 16), generator=generator) - 1).requires_grad_(True)
+    noise = torch.randn((2, 2, 16), generator=generator)
+    log_likelihood = -((mix - (alpha.view(1, -1, 1) * x0).sum(dim=1)) ** 2).sum() / (2 * gamma**2)
+    (grad,) = torch.autograd.grad(log_likelihood, x0)
+    expected = x0.detach() + math.sqrt(2 * eta) * noise + eta * grad
+    assert torch.allclose(x1[0], expected, atol=1e-6)
 
 
 def test_chains_are_reproducible_and_independent_of_batching():
