@@ -123,21 +123,22 @@ class LangevinSeparator(nn.Module):
         target = mix.float().repeat_interleave(n_chains, dim=0).unsqueeze(1)  # [B * C, 1, T]
         alpha = self.alpha.view(1, -1, 1)
         logliks, errors = [], []
-        self.nonfinite_steps = 0
+        nonfinite = torch.zeros((), dtype=torch.long, device=mix.device)
         for prior, level in zip(self.priors, self.levels):
             for _ in range(level.steps):
                 grad, log_prob = prior_score(prior, x)
+                # A diverging prior gradient would turn the chain into NaN for good: skip its step.
+                # (Counted on the device: no host sync inside the loop.)
                 finite = torch.isfinite(grad).flatten(1).all(dim=1)
-                if not bool(finite.all()):
-                    # A diverging prior gradient would turn the chain into NaN for good: skip its step.
-                    self.nonfinite_steps += int((~finite).sum())
-                    grad = torch.where(finite.view(-1, 1, 1), grad, torch.zeros_like(grad))
+                nonfinite = nonfinite + (~finite).sum()
+                grad = torch.where(finite.view(-1, 1, 1), grad, torch.zeros_like(grad))
                 residual = target - (alpha * x).sum(dim=1, keepdim=True)
                 logliks.append(log_prob.nan_to_num(nan=-math.inf).mean(dim=1))
                 errors.append(residual.pow(2).mean(dim=(1, 2)))
                 noise = per_mixture(torch.randn)
                 x = (x + level.eta * grad + math.sqrt(2 * level.eta) * noise
                      + (level.eta / level.gamma**2) * alpha * residual)
+        self.nonfinite_steps = int(nonfinite)
         trace = {
             "loglik": torch.stack(logliks, dim=1).view(batch, n_chains, -1).mean(dim=1),
             "mix_error": torch.stack(errors, dim=1).view(batch, n_chains, -1).mean(dim=1),

@@ -65,23 +65,22 @@ class SeparationModule(pl.LightningModule):
         with torch.autocast(self.device.type, enabled=False), torch.no_grad():
             batch_size, n_chains, n_sources, length = estimates.shape
             loglik = self.selection_prior.log_prob(estimates.flatten(0, 1)).float().view(batch_size, n_chains, -1)
-            chosen = self.choose(estimates, loglik.mean(dim=2), references)
-            rows = self.score(mix, references, indices, estimates, chosen, loglik)
+            chain_scores = si_sdr(estimates, references.unsqueeze(1))  # [B, C, N]
+            chosen = self.choose(loglik.mean(dim=2), chain_scores)
+            rows = self.score(mix, references, indices, estimates, chosen, loglik, chain_scores)
         self.rows.extend(rows)
         return {"index": indices, "mix": mix, "references": references,
                 "estimates": {name: estimates[torch.arange(batch_size), chain] for name, chain in chosen.items()}}
 
-    def choose(self, estimates, loglik, references):
+    def choose(self, loglik, chain_scores):
         """Which chain each method takes, per mixture: {method: [B] chain indices}."""
-        batch_size = estimates.shape[0]
-        chosen = {self.algorithm: torch.zeros(batch_size, dtype=torch.long, device=estimates.device)}
+        chosen = {self.algorithm: torch.zeros(loglik.shape[0], dtype=torch.long, device=loglik.device)}
         if self.n_chains > 1:
-            quality = si_sdr(estimates, references.unsqueeze(1)).mean(dim=2)  # [B, C]
             chosen[f"{self.algorithm}_likelihood_of_{self.n_chains}"] = loglik.nan_to_num(nan=-torch.inf).argmax(dim=1)
-            chosen[f"{self.algorithm}_oracle_of_{self.n_chains}"] = quality.argmax(dim=1)
+            chosen[f"{self.algorithm}_oracle_of_{self.n_chains}"] = chain_scores.mean(dim=2).argmax(dim=1)
         return chosen
 
-    def score(self, mix, references, indices, estimates, chosen, loglik):
+    def score(self, mix, references, indices, estimates, chosen, loglik, chain_scores):
         alpha = self.separator.alpha
         mix_scores = si_sdr_of_mix(mix, references)  # [B, N]
         rows = []
@@ -89,7 +88,7 @@ class SeparationModule(pl.LightningModule):
             candidates = {"average": (average_baseline(mix[b], alpha), None)}
             candidates.update({name: (estimates[b, chain[b]], int(chain[b])) for name, chain in chosen.items()})
             for name, (estimate, chain) in candidates.items():
-                scores = si_sdr(estimate, references[b])
+                scores = si_sdr(estimate, references[b]) if chain is None else chain_scores[b, chain]
                 row = {"index": index, "method": name, "chain": chain}
                 residual = mix[b] - (alpha.unsqueeze(-1) * estimate).sum(dim=0)
                 row["mix_error"] = float(residual.double().pow(2).mean())

@@ -16,11 +16,13 @@ class SourceSubset(nn.Module):
             raise ValueError(f"source(s) {unknown} have no prior in this run; the priors are {list(all_sources)}")
         self.prior = prior
         self.n_total = len(all_sources)
-        self.register_buffer("indices", torch.tensor([list(all_sources).index(s) for s in sources]))
+        indices = [list(all_sources).index(s) for s in sources]
+        self.register_buffer("indices", torch.tensor(indices))
+        self.is_all = indices == list(range(self.n_total))  # decided once, not at every Langevin step
         self.noise_sigma = getattr(prior, "noise_sigma", 0.0)
 
     def log_prob(self, x):
-        if len(self.indices) == self.n_total and bool((self.indices == torch.arange(self.n_total)).all()):
+        if self.is_all:
             return self.prior.log_prob(x)
         full = x.new_zeros(x.shape[0], self.n_total, x.shape[2])
         full = full.index_copy(1, self.indices, x)
