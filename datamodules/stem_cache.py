@@ -39,6 +39,9 @@ class StemCache:
                            "options": options or {}, "version": CACHE_VERSION}, sort_keys=True)
         return hashlib.sha1(text.encode()).hexdigest()[:20]
 
+    def path(self, paths, sample_rate, options=None):
+        return self.root / f"{self.key(paths, sample_rate, options)}.npy"
+
     def load(self, paths, sample_rate, decode, options=None):
         """The cached array for ``paths`` (read-only memory map), built with ``decode()`` when missing
         or stale. ``decode`` returns a float32 array, e.g. [n_stems, T]."""

@@ -27,8 +27,15 @@ class DataConfig:
     eval_batch_size: int = 16
     n_train: int = 5000
     n_val: int = 500
-    n_test: int = 1500
+    n_test: int = 1500  # musdb18 / slakh2100: at most this many evaluation frames (n_val likewise)
     num_workers: int = 0
+    # musdb18 and slakh2100 only (datamodules/musdb18.py, slakh2100.py):
+    root: Optional[str] = None  # None = $MUSDB_ROOT or $SLAKH_ROOT
+    is_wav: Optional[bool] = None  # musdb18: True = MUSDB18-HQ wav folders, False = .stem.mp4, None = detect
+    cache_dir: Optional[str] = None  # decoded stems as .npy memory maps; None = <output_root>/stem_cache
+    frames_per_song: int = 150  # random training frames per song and epoch
+    silence_threshold: float = 1.5e-5  # drop a frame when ||x_k||_2 / length < this for any source k; 0 = keep all
+    max_tracks: Optional[int] = None  # use only the first n tracks of each split (CPU-sized subsets)
 
 
 @dataclass

@@ -49,7 +49,7 @@ def run_cross_likelihood(config):
         latent_only=cl.latent_only, noise_seed=cl.noise_seed,
     )
     report = CrossLikelihoodReport(out_dir, to_dict(config))
-    datamodule = build_datamodule(config.data, seed=config.seed, n_test=cl.n_test)
+    datamodule = build_datamodule(config.data, seed=config.seed, n_test=cl.n_test, output_root=config.output_root)
     results = run_test_loop(config, module, datamodule, out_dir, "cross_likelihood", [report])
     log.info("cross-likelihood written to %s", out_dir)
     return results, out_dir

@@ -120,7 +120,7 @@ def run_separation(config):
                               sample_rate=config.data.sample_rate, museval=sep.museval)
     record = to_dict(config) | {"prior_sigma_per_level": used[:-1], "selection_prior_sigma": used[-1]}
     report = SeparationReport(out_dir, config.data.sample_rate, record, sep.write_wavs, sep.n_audio_examples)
-    datamodule = build_datamodule(data, seed=config.seed, n_test=sep.n_test)
+    datamodule = build_datamodule(data, seed=config.seed, n_test=sep.n_test, output_root=config.output_root)
     results = run_test_loop(config, module, datamodule, out_dir, "separation", [report])
     log.info("separation written to %s", out_dir)
     return results, out_dir

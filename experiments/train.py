@@ -86,7 +86,7 @@ def fit(config, run_dir, module, max_steps, val_check_interval, job_type, early_
         callbacks.append(EarlyStopping(monitor="val/loglik", mode="max", patience=config.finetune.patience,
                                        check_finite=False))
     trainer = build_trainer(config, run_dir, job_type, callbacks, max_steps, val_check_interval)
-    datamodule = build_datamodule(config.data, seed=config.seed)
+    datamodule = build_datamodule(config.data, seed=config.seed, output_root=config.output_root)
     started = time.time()
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume.is_file() else None,
                 weights_only=True)

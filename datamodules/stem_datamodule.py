@@ -1,0 +1,164 @@
+"""The LightningDataModule shared by the multi-stem datasets (musdb18, Slakh2100).
+
+A subclass says where the tracks of a split are and how to decode one (``list_tracks``); this class
+decodes each track once into the stem cache, skips a track that fails with a warning, and serves
+random non-silent training frames and a fixed list of non-silent evaluation frames. Items look like
+the toy data's: ``{"sources": [N, T], "mix": [T] (their mean), "index"}``.
+"""
+import logging
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, List
+
+import pytorch_lightning as pl
+import torch
+import torchaudio
+from torch.utils.data import DataLoader
+
+from datamodules.sharded_sampler import ShardedEvalSampler
+from datamodules.stem_cache import StemCache
+from datamodules.stem_frames import FixedFrames, RandomFrames, SongArrays
+
+log = logging.getLogger(__name__)
+SPLITS = ("train", "val", "test")
+
+
+class DatasetLayoutError(ValueError):
+    """The dataset root is missing or not laid out as expected; the message names the path and the layout."""
+
+
+class SkippedTrackWarning(UserWarning):
+    """One track could not be used (unreadable or incomplete) and was left out."""
+
+
+@dataclass
+class Track:
+    name: str
+    files: List[Path]  # every file decoded for this track: their size and mtime invalidate the cache
+    decode: Callable  # () -> float32 array [n_stored_sources, T] at the target sample rate
+    options: dict = field(default_factory=dict)  # what else the decoded array depends on (cache key)
+
+
+def to_mono(audio, rate, sample_rate):
+    """[T, C] or [T] numpy audio at ``rate`` -> float32 tensor [T], mono, resampled with torchaudio."""
+    wave = torch.as_tensor(audio, dtype=torch.float32)
+    wave = wave.mean(dim=1) if wave.dim() == 2 else wave
+    if int(rate) != int(sample_rate):
+        wave = torchaudio.functional.resample(wave, int(rate), int(sample_rate))
+    return wave
+
+
+def dataset_root(root, env_var, dataset, layout):
+    """The configured root, else $env_var; an error naming both and the layout when neither exists."""
+    root = root or os.environ.get(env_var)
+    if not root:
+        raise DatasetLayoutError(f"no {dataset} root: set {env_var}=/path/to/{dataset} or data.root=... "
+                                 f"Expected layout:\n{layout}")
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise DatasetLayoutError(f"{dataset} root {root} does not exist or is not a folder "
+                                 f"(from data.root or {env_var}). Expected layout:\n{layout}")
+    return root
+
+
+class StemDataModule(pl.LightningDataModule):
+    dataset_name = "stems"
+    layout = ""
+
+    def __init__(self, sources, sample_rate, crop_length, eval_length, batch_size, eval_batch_size,
+                 frames_per_song=150, silence_threshold=1.5e-5, max_tracks=None, n_val=500, n_test=1500,
+                 num_workers=0, seed=0, cache_dir="runs/stem_cache"):
+        super().__init__()
+        if sample_rate <= 0:
+            raise ValueError(f"data.sample_rate must be positive, got {sample_rate}")
+        if not sources:
+            raise ValueError("data.sources is empty; name at least one source")
+        if min(crop_length, eval_length) <= 0 or frames_per_song <= 0:
+            raise ValueError("data.crop_length, data.eval_length and data.frames_per_song must be positive")
+        if silence_threshold < 0:
+            raise ValueError(f"data.silence_threshold must be >= 0 (0 keeps every frame), got {silence_threshold}")
+        self.sources, self.sample_rate = list(sources), sample_rate
+        self.crop_length, self.eval_length = crop_length, eval_length
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
+        self.frames_per_song, self.silence_threshold = frames_per_song, silence_threshold
+        self.max_tracks, self.num_workers, self.seed = max_tracks, num_workers, seed
+        self.max_items = {"val": n_val, "test": n_test}
+        self.cache = StemCache(cache_dir)
+        self.datasets = {}
+
+    def list_tracks(self, split):
+        """[(Track, rows of the decoded array holding self.sources)] for ``split``; raises
+        DatasetLayoutError when the split's folder is missing or holds no usable track."""
+        raise NotImplementedError
+
+    def setup(self, stage=None):
+        # Every DDP rank gets here; the stem cache's per-track lock makes one of them decode each track
+        # while the others wait for it, so nothing is decoded twice.
+        wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}.get(stage, SPLITS)
+        for split in wanted:
+            self.dataset(split)
+
+    def load_songs(self, split):
+        """The split's cached songs, decoding the missing ones; a track that fails is skipped with a warning."""
+        tracks = self.list_tracks(split)
+        if self.max_tracks is not None:
+            tracks = tracks[:self.max_tracks]
+        paths, names, rows, failures = [], [], None, []
+        for track, track_rows in tracks:
+            try:
+                self.cache.load(track.files, self.sample_rate, track.decode, track.options)
+            except Exception as error:  # noqa: BLE001 - any decoder failure means: skip this one track
+                failures.append(f"{track.name}: {error}")
+                warnings.warn(f"skipping {self.dataset_name} track {track.name!r} ({track.files[0]}): {error}",
+                              SkippedTrackWarning, stacklevel=2)
+                continue
+            paths.append(self.cache.path(track.files, self.sample_rate, track.options))
+            names.append(track.name)
+            rows = track_rows
+        if not paths:
+            raise DatasetLayoutError(f"no usable {self.dataset_name} track in split {split!r}: "
+                                     + "; ".join(failures[:5]) + f". Expected layout:\n{self.layout}")
+        return SongArrays(paths, rows), names
+
+    def dataset(self, split):
+        if split not in self.datasets:
+            songs, names = self.load_songs(split)
+            length = self.crop_length if split == "train" else self.eval_length
+            starts = [songs.valid_starts(i, length, self.silence_threshold) for i in range(len(songs))]
+            silent = [name for name, s in zip(names, starts) if len(s) == 0]
+            if silent:
+                log.warning("%s %s: no non-silent %d-sample frame in %s; left out",
+                            self.dataset_name, split, length, ", ".join(silent))
+            kept = [(i, s) for i, s in enumerate(starts) if len(s)]
+            if not kept:
+                raise DatasetLayoutError(f"every {length}-sample frame of the {self.dataset_name} {split} split "
+                                         f"is silent under data.silence_threshold={self.silence_threshold}; "
+                                         "lower it (0 keeps every frame) or check the stems")
+            songs = SongArrays([songs.paths[i] for i, _ in kept], songs.rows)
+            starts = [s for _, s in kept]
+            if split == "train":
+                self.datasets[split] = RandomFrames(songs, starts, length, self.frames_per_song)
+            else:
+                self.datasets[split] = FixedFrames(songs, starts, length, self.max_items[split])
+            log.info("%s %s: %d songs, %d items", self.dataset_name, split, len(kept), len(self.datasets[split]))
+        return self.datasets[split]
+
+    def train_dataloader(self):
+        generator = torch.Generator().manual_seed(self.seed)
+        return DataLoader(
+            self.dataset("train"), batch_size=self.batch_size, shuffle=True, drop_last=True,
+            generator=generator, num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+        )
+
+    def eval_dataloader(self, split):
+        dataset = self.dataset(split)
+        return DataLoader(dataset, batch_size=self.eval_batch_size, sampler=ShardedEvalSampler(len(dataset)),
+                          num_workers=self.num_workers)
+
+    def val_dataloader(self):
+        return self.eval_dataloader("val")
+
+    def test_dataloader(self):
+        return self.eval_dataloader("test")
