@@ -1,6 +1,7 @@
 # Unsupervised source separation with deep generative priors: every command a researcher runs.
 # Variables: PRESET (default | paper, comma-separated extras: ddp, bf16, fp16, debug),
-# MODEL (flow | wavenet: EXPERIMENT=toy_$(MODEL)) or EXPERIMENT,
+# MODEL (flow | wavenet: EXPERIMENT=toy_$(MODEL)) or EXPERIMENT (toy_flow, toy_wavenet, musdb_flow,
+# musdb_wavenet, slakh_flow; e.g. make cross-likelihood EXPERIMENT=musdb_flow),
 # SIGMA, GRID (paper003 | basis), RUNS (output root), ARGS (any config override, key=value ...),
 # SOURCES (comma-separated subset to separate), MIX / OUT / FORCE (separating a file).
 SHELL := /bin/bash
@@ -19,12 +20,13 @@ MIX ?=
 OUT ?=
 FORCE ?=
 LANGEVIN_ARGS ?=
+DATA_ARGS ?=
 SEPARATION_SOURCES = $(if $(SOURCES),separation.sources=[$(SOURCES)])
 CLI = $(PY) -m experiments.cli
 COMMON = experiment=$(EXPERIMENT) preset=$(PRESET) output_root=$(RUNS)
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-slow train-toy-flow train-toy-wavenet compare-toy train finetune-noise finetune-noise-all cross-likelihood separate-toy separate bench show-config
+.PHONY: help install test test-slow train-toy-flow train-toy-wavenet train-musdb-flow train-musdb-wavenet train-slakh-flow compare-toy compare-musdb train finetune-noise finetune-noise-all cross-likelihood separate-toy separate bench show-config
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-20s %s\n", $$1, $$2}'
@@ -52,8 +54,20 @@ train-toy-flow: ## Train the four toy FloWaveNet priors (resumes if interrupted)
 train-toy-wavenet: ## Train the four toy WaveNet priors (resumes if interrupted)
 	$(CLI) train experiment=toy_wavenet preset=$(PRESET) output_root=$(RUNS) $(ARGS)
 
+train-musdb-flow: ## Train FloWaveNet priors on musdb18 stems (needs MUSDB_ROOT; default: 4 songs per split)
+	$(CLI) train experiment=musdb_flow preset=$(PRESET) output_root=$(RUNS) $(ARGS)
+
+train-musdb-wavenet: ## Train WaveNet priors on musdb18 stems (needs MUSDB_ROOT; default: 4 songs per split)
+	$(CLI) train experiment=musdb_wavenet preset=$(PRESET) output_root=$(RUNS) $(ARGS)
+
+train-slakh-flow: ## Train FloWaveNet priors on Slakh2100 drums/bass/guitar/piano (needs SLAKH_ROOT)
+	$(CLI) train experiment=slakh_flow preset=$(PRESET) output_root=$(RUNS) $(ARGS)
+
 compare-toy: ## Flow vs WaveNet cross-likelihood side by side (paper 003 Fig. 3, toy row)
-	$(CLI) compare preset=$(PRESET) output_root=$(RUNS) $(ARGS)
+	$(CLI) compare experiment=toy_flow preset=$(PRESET) output_root=$(RUNS) $(ARGS)
+
+compare-musdb: ## Flow vs WaveNet cross-likelihood side by side (paper 003 Fig. 3, musdb row)
+	$(CLI) compare experiment=musdb_flow preset=$(PRESET) output_root=$(RUNS) $(ARGS)
 
 train: ## Train the priors of EXPERIMENT (or MODEL)
 	$(CLI) train $(COMMON) $(ARGS)
@@ -75,9 +89,10 @@ separate-toy: ## BASIS separation of toy test mixtures: trains and fine-tunes th
 separate: ## Separate a file: make separate MIX=song.wav OUT=dir [EXPERIMENT=toy_flow] [FORCE=1]
 	$(CLI) separate-file $(COMMON) mix=$(MIX) out=$(OUT) force=$(FORCE) $(SEPARATION_SOURCES) $(ARGS)
 
-bench: ## Prior throughput ($(RUNS)/bench.json) and Langevin steps/s + peak memory ($(RUNS)/bench_langevin.json)
+bench: ## Prior throughput, Langevin steps/s + memory, data loading x real time ($(RUNS)/bench*.json)
 	$(PY) -m experiments.bench output=$(RUNS)/bench.json $(ARGS)
 	$(PY) -m experiments.bench_langevin output=$(RUNS)/bench_langevin.json $(LANGEVIN_ARGS)
+	$(PY) -m experiments.bench_data output=$(RUNS)/bench_data.json $(DATA_ARGS)
 
 show-config: ## Print the resolved configuration of EXPERIMENT with PRESET and ARGS
 	$(CLI) show-config $(COMMON) $(ARGS)

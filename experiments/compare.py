@@ -1,19 +1,25 @@
-"""Paper 003 Fig. 3 (toy row): the noiseless FloWaveNet and WaveNet cross-likelihood matrices side by
-side, from the two experiments' ``cross_likelihood.json`` (run ``make cross-likelihood`` for each)."""
+"""Paper 003 Fig. 3: the noiseless FloWaveNet and WaveNet cross-likelihood matrices side by side, from
+the two experiments' ``cross_likelihood.json`` (run ``make cross-likelihood`` for each). The dataset
+is the prefix of ``experiment``: toy_flow compares toy_flow with toy_wavenet (the toy row),
+musdb_flow compares musdb_flow with musdb_wavenet (the musdb row)."""
 import json
 from pathlib import Path
 
 from callbacks.atomic_io import atomic_write, atomic_write_text
 from callbacks.cross_likelihood_report import discrimination_margins, plot_matrices
 
-EXPERIMENTS = ("toy_flow", "toy_wavenet")
+
+
+def compared_experiments(experiment):
+    dataset = experiment.rsplit("_", 1)[0]
+    return dataset, (f"{dataset}_flow", f"{dataset}_wavenet")
 
 
 def noiseless_matrix(path):
     if not path.is_file():
         experiment = path.parts[-4]
-        model = experiment.removeprefix("toy_")
-        raise FileNotFoundError(f"no cross-likelihood results at {path}; run make cross-likelihood MODEL={model} first")
+        raise FileNotFoundError(f"no cross-likelihood results at {path}; run make cross-likelihood "
+                                f"EXPERIMENT={experiment} first")
     results = json.loads(path.read_text())
     for entry in results["matrices"]:
         if float(entry["sigma_model"]) == 0.0:
@@ -31,7 +37,8 @@ def likelihood_label(results):
 def run_compare(config):
     root = Path(config.output_root)
     entries, rows = [], []
-    for experiment in EXPERIMENTS:
+    dataset, experiments = compared_experiments(config.experiment)
+    for experiment in experiments:
         path = root / experiment / config.run_name / "cross_likelihood" / "cross_likelihood.json"
         results, matrix = noiseless_matrix(path)
         label = likelihood_label(results)
@@ -41,17 +48,17 @@ def run_compare(config):
     sources = rows[0][1]
     if any(r[1] != sources for r in rows):
         raise ValueError("the two experiments were run on different source lists; compare like with like")
-    out_dir = root / "compare_toy" / config.run_name
+    out_dir = root / f"compare_{dataset}" / config.run_name
     png = atomic_write(out_dir / "comparison.png", lambda fh: plot_matrices({"sources": sources, "matrices": entries}, fh),
                        binary=True)
-    atomic_write_text(out_dir / "comparison.md", markdown(rows))
+    atomic_write_text(out_dir / "comparison.md", markdown(rows, dataset))
     atomic_write_text(out_dir / "comparison.json", json.dumps(
         [{"model": label, "sources": s, "loglik": m, "margins": g, "count": c} for label, s, m, g, c in rows], indent=2))
     return out_dir, png
 
 
-def markdown(rows):
-    lines = ["# Cross-likelihood, noiseless priors: FloWaveNet vs WaveNet (paper 003 Fig. 3, toy row)", "",
+def markdown(rows, dataset):
+    lines = [f"# Cross-likelihood, noiseless priors: FloWaveNet vs WaveNet (paper 003 Fig. 3, {dataset} row)", "",
              "M[data source, prior] = mean log-likelihood per audio sample of the source's test set under the prior.",
              "A prior family discriminates when every diagonal entry is the largest of its row and of its column.", ""]
     for label, sources, matrix, margins, count in rows:

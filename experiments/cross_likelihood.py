@@ -18,7 +18,7 @@ def resolve_sigmas(config):
     if 0.0 not in available:
         raise FileNotFoundError(
             f"no finished noiseless prior under {experiment_dir(config)}; run "
-            f"make train-toy-flow PRESET={config.preset} first"
+            f"make train EXPERIMENT={config.experiment} PRESET={config.preset} first"
         )
     if cl.sigmas_model == "all":
         sigmas_model = available

@@ -40,7 +40,7 @@ def finetune(config, sigma, init_dir=None):
     if not is_done(init_dir):
         raise FileNotFoundError(
             f"no finished prior to fine-tune from at {init_dir}; run the training first "
-            f"(make train-toy-flow PRESET={config.preset}) or finish the previous noise level"
+            f"(make train EXPERIMENT={config.experiment} PRESET={config.preset}) or finish the previous noise level"
         )
     run_dir = prior_dir(config, sigma)
     module = PriorModule(

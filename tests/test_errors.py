@@ -28,7 +28,7 @@ def test_parse_sigma_accepts_numbers():
 def test_finetune_without_noiseless_checkpoint(capsys, tmp_path):
     code, err = run_cli(capsys, "finetune", "sigma=0.077", f"output_root={tmp_path}", *TINY)
     assert code == 2
-    assert "no finished prior to fine-tune from" in err and "make train-toy-flow" in err
+    assert "no finished prior to fine-tune from" in err and "make train EXPERIMENT=toy_flow" in err
     assert not (tmp_path / "toy_flow" / "default" / "sigma_0.077").exists()
 
 

@@ -152,5 +152,5 @@ def test_wavenet_train_finetune_cross_likelihood_and_compare(trained_run, likeli
 def test_compare_without_results_is_a_clear_error(tmp_path):
     from experiments.compare import run_compare
 
-    with pytest.raises(FileNotFoundError, match="make cross-likelihood MODEL=flow"):
+    with pytest.raises(FileNotFoundError, match="make cross-likelihood EXPERIMENT=toy_flow"):
         run_compare(load_config("toy_flow", "default", [f"output_root={tmp_path}"]))
