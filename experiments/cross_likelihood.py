@@ -50,6 +50,7 @@ def run_cross_likelihood(config):
     )
     report = CrossLikelihoodReport(out_dir, to_dict(config))
     datamodule = build_datamodule(config.data, seed=config.seed, n_test=cl.n_test, output_root=config.output_root)
+    datamodule.setup("test")  # a bad dataset root stops here, before anything is written
     results = run_test_loop(config, module, datamodule, out_dir, "cross_likelihood", [report])
     log.info("cross-likelihood written to %s", out_dir)
     return results, out_dir

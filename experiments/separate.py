@@ -109,7 +109,7 @@ def output_name(config, sources):
 
 
 def run_separation(config):
-    """Separate the first ``separation.n_test`` toy test mixtures; returns (results, out_dir)."""
+    """Separate the first ``separation.n_test`` test mixtures of the run's dataset; returns (results, out_dir)."""
     sep = config.separation
     separator, selection_prior, sources, used = build_separator(config)
     length = sep.length or config.data.eval_length
@@ -121,6 +121,7 @@ def run_separation(config):
     record = to_dict(config) | {"prior_sigma_per_level": used[:-1], "selection_prior_sigma": used[-1]}
     report = SeparationReport(out_dir, config.data.sample_rate, record, sep.write_wavs, sep.n_audio_examples)
     datamodule = build_datamodule(data, seed=config.seed, n_test=sep.n_test, output_root=config.output_root)
+    datamodule.setup("test")  # a bad dataset root stops here, before anything is written
     results = run_test_loop(config, module, datamodule, out_dir, "separation", [report])
     log.info("separation written to %s", out_dir)
     return results, out_dir

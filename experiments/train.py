@@ -79,6 +79,9 @@ def fit(config, run_dir, module, max_steps, val_check_interval, job_type, early_
         hparams = torch.load(resume, map_location="cpu", weights_only=True)["hyper_parameters"]
         check_compatible(resume, hparams, list(config.data.sources), to_dict(config.model))
     pl.seed_everything(config.seed, workers=True)
+    # Data first: a bad dataset root stops here, before anything is written.
+    datamodule = build_datamodule(config.data, seed=config.seed, output_root=config.output_root)
+    datamodule.setup("fit")
     save_config(config, run_dir / "config.yaml")
     callbacks = [ModelCheckpoint(dirpath=str(run_dir), filename="last", save_top_k=0, save_last=True,
                                  every_n_train_steps=config.trainer.checkpoint_every_n_steps)]
@@ -86,7 +89,6 @@ def fit(config, run_dir, module, max_steps, val_check_interval, job_type, early_
         callbacks.append(EarlyStopping(monitor="val/loglik", mode="max", patience=config.finetune.patience,
                                        check_finite=False))
     trainer = build_trainer(config, run_dir, job_type, callbacks, max_steps, val_check_interval)
-    datamodule = build_datamodule(config.data, seed=config.seed, output_root=config.output_root)
     started = time.time()
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume.is_file() else None,
                 weights_only=True)
