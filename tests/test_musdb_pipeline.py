@@ -30,3 +30,30 @@ def test_missing_musdb_root_exits_2(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert code == 2 and "MUSDB_ROOT" in err and "Expected layout" in err
     assert not any(tmp_path.iterdir())
+
+
+def test_ddp_cross_likelihood_builds_the_cache_once_and_equals_single_process(tmp_path):
+    import shutil
+    import subprocess
+    import sys
+
+    import torch
+
+    root = write_musdb_hq(tmp_path / "musdb", n_train=3, n_test=3, seconds=2.0)
+    runs = tmp_path / "runs"
+    args = ["experiment=musdb_flow", f"output_root={runs}", f"data.root={root}", "data.frames_per_song=10", *TINY,
+            "data.n_test=9", "cross_likelihood.n_test=9", "trainer.max_steps=10"]
+    assert main(["train", *args]) == 0
+    assert main(["cross-likelihood", *args]) == 0
+    out = runs / "musdb_flow" / "default" / "cross_likelihood" / "cross_likelihood.json"
+    single = json.loads(out.read_text())
+    shutil.rmtree(runs / "stem_cache")  # both ranks now find an empty cache
+    ddp = subprocess.run([sys.executable, "-m", "experiments.cli", "cross-likelihood", *args, "trainer.devices=2",
+                          "trainer.strategy=ddp", "data.eval_batch_size=2"], capture_output=True, text=True, timeout=300)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    assert len(list((runs / "stem_cache").glob("*.npy"))) == 3  # one entry per test song, none half-written
+    assert len(list((runs / "stem_cache").glob("*.json"))) == 3
+    sharded = json.loads(out.read_text())
+    assert sharded["count"] == single["count"] == 9  # 9 frames over 2 ranks, none counted twice
+    assert torch.allclose(torch.tensor(sharded["matrices"][0]["loglik"], dtype=torch.float64),
+                          torch.tensor(single["matrices"][0]["loglik"], dtype=torch.float64), rtol=1e-5, atol=1e-5)
