@@ -12,12 +12,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, List
 
-import pytorch_lightning as pl
 import torch
 import torchaudio
-from torch.utils.data import DataLoader
 
-from datamodules.sharded_sampler import ShardedEvalSampler
+from datamodules.loaders import SplitDataModule
 from datamodules.stem_cache import StemCache
 from datamodules.stem_frames import FixedFrames, RandomFrames, SongArrays
 
@@ -63,7 +61,7 @@ def dataset_root(root, env_var, dataset, layout):
     return root
 
 
-class StemDataModule(pl.LightningDataModule):
+class StemDataModule(SplitDataModule):
     dataset_name = "stems"
     layout = ""
 
@@ -144,21 +142,3 @@ class StemDataModule(pl.LightningDataModule):
                 self.datasets[split] = FixedFrames(songs, starts, length, self.max_items[split])
             log.info("%s %s: %d songs, %d items", self.dataset_name, split, len(kept), len(self.datasets[split]))
         return self.datasets[split]
-
-    def train_dataloader(self):
-        generator = torch.Generator().manual_seed(self.seed)
-        return DataLoader(
-            self.dataset("train"), batch_size=self.batch_size, shuffle=True, drop_last=True,
-            generator=generator, num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
-        )
-
-    def eval_dataloader(self, split):
-        dataset = self.dataset(split)
-        return DataLoader(dataset, batch_size=self.eval_batch_size, sampler=ShardedEvalSampler(len(dataset)),
-                          num_workers=self.num_workers)
-
-    def val_dataloader(self):
-        return self.eval_dataloader("val")
-
-    def test_dataloader(self):
-        return self.eval_dataloader("test")

@@ -1,9 +1,7 @@
 """LightningDataModule for the toy data: batches of sources [B, N, T] and their mean mix [B, T]."""
-import pytorch_lightning as pl
-import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from datamodules.sharded_sampler import ShardedEvalSampler
+from datamodules.loaders import SplitDataModule
 from datamodules.toy_waveforms import check_source_names, toy_example
 
 # Disjoint seed ranges: the test set never changes and never overlaps training.
@@ -29,7 +27,7 @@ class ToyDataset(Dataset):
         return {"sources": sources, "mix": sources.mean(dim=0), "index": index}
 
 
-class ToyDataModule(pl.LightningDataModule):
+class ToyDataModule(SplitDataModule):
     def __init__(
         self,
         sources=("sine", "square", "saw", "triangle"),
@@ -58,24 +56,3 @@ class ToyDataModule(pl.LightningDataModule):
     def dataset(self, split):
         length = self.crop_length if split == "train" else self.eval_length
         return ToyDataset(split, self.sizes[split], self.sources, length, self.sample_rate, self.seed)
-
-    def train_dataloader(self):
-        # Seeded shuffling; Lightning wraps this in a DistributedSampler under DDP.
-        generator = torch.Generator().manual_seed(self.seed)
-        return DataLoader(
-            self.dataset("train"), batch_size=self.batch_size, shuffle=True, drop_last=True,
-            generator=generator, num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
-        )
-
-    def eval_dataloader(self, split):
-        dataset = self.dataset(split)
-        return DataLoader(
-            dataset, batch_size=self.eval_batch_size, sampler=ShardedEvalSampler(len(dataset)),
-            num_workers=self.num_workers,
-        )
-
-    def val_dataloader(self):
-        return self.eval_dataloader("val")
-
-    def test_dataloader(self):
-        return self.eval_dataloader("test")

@@ -57,3 +57,30 @@ def test_ddp_cross_likelihood_builds_the_cache_once_and_equals_single_process(tm
     assert sharded["count"] == single["count"] == 9  # 9 frames over 2 ranks, none counted twice
     assert torch.allclose(torch.tensor(sharded["matrices"][0]["loglik"], dtype=torch.float64),
                           torch.tensor(single["matrices"][0]["loglik"], dtype=torch.float64), rtol=1e-5, atol=1e-5)
+
+
+def test_musdb_presets_have_the_papers_sizes():
+    from experiments.config import load_config
+
+    flow = load_config("musdb_flow", "paper")
+    assert (flow.model.n_blocks, flow.model.n_flows, flow.model.n_layers, flow.model.width) == (8, 6, 10, 48)
+    assert (flow.data.batch_size, flow.data.crop_length, flow.data.frames_per_song) == (2, 16384, 150)
+    assert flow.data.name == "musdb18" and flow.data.sample_rate == 16000 and flow.data.max_tracks is None
+    wavenet = load_config("musdb_wavenet", "paper")
+    assert (wavenet.model.n_blocks, wavenet.model.n_layers, wavenet.model.width) == (3, 10, 256)
+    assert wavenet.data.batch_size == 2 and wavenet.model.likelihood == "mulaw"
+    default = load_config("musdb_flow", "default")
+    assert default.data.max_tracks == 4 and default.data.crop_length == 2048
+    slakh = load_config("slakh_flow", "default")
+    assert slakh.data.sample_rate == 22050 and list(slakh.data.sources) == ["drums", "bass", "guitar", "piano"]
+
+
+def test_musdb_wavenet_experiment_trains(tmp_path):
+    from tests.conftest import TINY_WAVENET
+
+    root = write_musdb_hq(tmp_path / "musdb", n_train=2, n_test=1, seconds=1.0)
+    args = ["experiment=musdb_wavenet", f"output_root={tmp_path / 'runs'}", f"data.root={root}", *TINY_WAVENET,
+            "trainer.max_steps=4", "trainer.val_check_interval=2", "data.frames_per_song=16"]
+    assert main(["train", *args]) == 0
+    done = json.loads((tmp_path / "runs" / "musdb_wavenet" / "default" / "noiseless" / "done.json").read_text())
+    assert done["global_step"] == 4
