@@ -109,3 +109,18 @@ def test_a_bad_track_is_skipped_with_a_warning(tmp_path):
         warnings.simplefilter("ignore", SkippedTrackWarning)
         with pytest.raises(DatasetLayoutError, match="(?s)no usable slakh2100 track in split 'train'.*S00.flac"):
             datamodule(root, tmp_path / "cache").load_songs("train")
+
+
+def test_slakh_experiment_trains(tmp_path):
+    import json
+
+    from experiments.cli import main
+    from tests.conftest import TINY
+
+    root = write_slakh(tmp_path / "data", {"train": [FULL, FULL], "validation": [FULL], "test": [FULL]}, seconds=1.0)
+    args = ["experiment=slakh_flow", f"output_root={tmp_path / 'runs'}", f"data.root={root}", *TINY,
+            "trainer.max_steps=4", "trainer.val_check_interval=2", "data.frames_per_song=16"]
+    assert main(["train", *args]) == 0
+    run = tmp_path / "runs" / "slakh_flow" / "default" / "noiseless"
+    assert json.loads((run / "done.json").read_text())["global_step"] == 4
+    assert "sample_rate: 22050" in (run / "config.yaml").read_text()
