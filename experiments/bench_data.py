@@ -6,10 +6,11 @@ epoch of random training frames is then read from it, in multiples of real time.
                                      [frames_per_song=150] [workers=0,2] [workdir=runs/bench_data_work]
 
 Without ``root`` it writes a synthetic dataset (``tracks`` train songs of ``seconds`` each, 44.1 kHz
-stereo) in each layout under ``workdir``: the folder layout and codecs are the real ones, the music
-is not. Epochs are timed with the cache files in the page cache ("warm") and after asking the
-kernel to drop them ("dropped", posix_fadvise DONTNEED). "x real time" counts the audio of one frame once (not once per source): an epoch of
-``frames_per_song`` frames of ``crop_length`` samples per song, at data.sample_rate.
+stereo) in each layout under ``workdir`` (about 0.8 GB with the defaults): the folder layout and
+codecs are the real ones, the music is not. Epochs are timed with the cache files in the page cache
+("warm") and after asking the kernel to drop them ("dropped", posix_fadvise DONTNEED). "x real time"
+counts the audio of one frame once (not once per source): an epoch of ``frames_per_song`` frames of
+``crop_length`` samples per song, at data.sample_rate.
 """
 import json
 import os
