@@ -5,7 +5,7 @@ epoch of random training frames is then read from it, in multiples of real time.
                                      [tracks=8] [seconds=60] [crop_length=16384] [batch_size=2]
                                      [frames_per_song=150] [workers=0,2] [workdir=runs/bench_data_work]
 
-Without ``root`` it writes a synthetic dataset (``tracks`` train songs of ``seconds`` each, 44.1 kHz
+With ``root`` it times the first ``tracks`` training songs of your copy. Without, it writes a synthetic dataset (``tracks`` train songs of ``seconds`` each, 44.1 kHz
 stereo) in each layout under ``workdir`` (about 0.8 GB with the defaults): the folder layout and
 codecs are the real ones, the music is not. Epochs are timed with the cache files in the page cache
 ("warm") and after asking the kernel to drop them ("dropped", posix_fadvise DONTNEED). "x real time"
@@ -33,7 +33,7 @@ def make_datamodule(root, cache, options, workers=0):
         root=str(root), sources=["drums", "bass", "other", "vocals"], sample_rate=SAMPLE_RATE,
         crop_length=int(options["crop_length"]), eval_length=int(options["crop_length"]),
         batch_size=int(options["batch_size"]), eval_batch_size=8, frames_per_song=int(options["frames_per_song"]),
-        num_workers=workers, cache_dir=str(cache))
+        max_tracks=int(options["tracks"]), num_workers=workers, cache_dir=str(cache))
 
 
 def drop_page_cache(cache):
