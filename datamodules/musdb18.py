@@ -46,15 +46,15 @@ def detect_is_wav(folder):
                              f"Expected layout:\n{LAYOUT}")
 
 
-def decode_track(path, is_wav, stem_files, sample_rate, setup):
+def decode_track(name, path, is_wav, stem_files, sample_rate, setup):
     """[4, T] float32, rows in STEMS order, mono at ``sample_rate``, read through musdb's track objects."""
-    track = musdb.MultiTrack(path=str(path), name=Path(path).name, is_wav=is_wav,
+    track = musdb.MultiTrack(path=str(path), name=name, is_wav=is_wav,
                              stem_id=setup["stem_ids"]["mixture"])
     if track.rate is None:
         raise OSError(f"cannot read {path}")
     stems = []
-    for name, file in zip(STEMS, stem_files):
-        audio = musdb.Source(track, name=name, path=str(file), stem_id=setup["stem_ids"][name]).audio
+    for stem, file in zip(STEMS, stem_files):
+        audio = musdb.Source(track, name=stem, path=str(file), stem_id=setup["stem_ids"][stem]).audio
         stems.append(to_mono(audio, track.rate, sample_rate))
     length = min(len(s) for s in stems)  # AAC padding can differ by a frame between streams
     array = np.stack([s[:length].numpy() for s in stems])
@@ -107,7 +107,7 @@ class MusdbDataModule(StemDataModule):
         def decode():
             if missing:
                 raise FileNotFoundError(f"missing {', '.join(sorted(set(missing)))}")
-            return decode_track(path, is_wav, stem_files, self.sample_rate, self.setup_yaml)
+            return decode_track(name, path, is_wav, stem_files, self.sample_rate, self.setup_yaml)
 
         # The fingerprint needs existing files; a missing one is reported by decode() and skipped.
         present = [f for f in files if f.is_file()] or [folder]
