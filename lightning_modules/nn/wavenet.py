@@ -10,8 +10,15 @@ Two likelihoods, chosen by ``likelihood`` (every number we report says which one
   mean categorical log-probability per sample (a discrete probability, so always <= 0). Not
   differentiable in the scored sample itself, only through the conditioning past.
 * ``"smoothed"`` (for Langevin, Jayaram & Thickstun 2021): K linear bins with centres c_k in [-1, 1] and
-  the density ``p(x_t | past) = sum_k softmax_k * N(x_t; c_k, s^2)``, a proper continuous density,
-  differentiable in every sample. ``s`` is ``smoothing_sigma`` (0 = one bin width, 2 / (K - 1)).
+  the density ``p(x_t | past) = sum_k softmax_k * N(x_t; c_k, s^2 + sigma^2)``, a proper continuous
+  density, differentiable in every sample. ``s`` is ``smoothing_sigma`` (0 = one bin width,
+  2 / (K - 1)); ``sigma`` is ``noise_sigma``, the noise the prior was fine-tuned at (``PriorModule``
+  sets it; 0 = noiseless). Then ``x_t = c_k + s * eps1 + sigma * eps2``: the categorical predicts the
+  *clean* sample's bin from the *noisy* past, and the density is exactly that of a clean bin-valued
+  source plus N(0, sigma^2), so it covers the noisy range, as the smoothing at the noise level of
+  Jayaram & Thickstun does. With width ``s`` alone, the third of x + N(0, 0.359^2) that lies outside
+  [-1, 1] would cost hundreds of nats per sample, and a Langevin step, stable only for
+  ``eta < 2 * width^2``, would diverge at BASIS's large levels. Sampling draws with the same width.
 
 In both the network reads the previous samples as continuous values (mu-law companded for
 ``"mulaw"``), never one-hot classes, so gradients flow to the waveform.
@@ -49,12 +56,15 @@ class WaveNet(nn.Module):
         groups, width = n_priors, cfg.width
         self.start = GroupedConv1d(groups, 1, width)
         self.layers = nn.ModuleList(
-            GatedResidualLayer(groups, width, cfg.kernel_size, 2 ** (i % cfg.n_layers), causal=True)
+            GatedResidualLayer(groups, width, cfg.kernel_size, 2 ** (i % cfg.n_layers), causal=True,
+                               last=i == cfg.n_blocks * cfg.n_layers - 1)
             for i in range(cfg.n_blocks * cfg.n_layers)
         )
         self.end_hidden = GroupedConv1d(groups, width, width)
         self.end_out = GroupedConv1d(groups, width, cfg.n_classes)
         self.register_buffer("centres", torch.linspace(-1.0, 1.0, cfg.n_classes))
+        # A plain float, not a buffer: the state_dict stays as it was, so older checkpoints still load.
+        self.noise_sigma = 0.0
 
     @property
     def has_density_gradient(self):
@@ -64,6 +74,11 @@ class WaveNet(nn.Module):
     @property
     def smoothing_sigma(self):
         return self.cfg.smoothing_sigma or 2.0 / (self.cfg.n_classes - 1)
+
+    @property
+    def component_sigma(self):
+        """Width of each smoothed component: the bin smoothing ``s`` and the fine-tuning noise together."""
+        return math.sqrt(self.smoothing_sigma**2 + float(self.noise_sigma) ** 2)
 
     @property
     def receptive_field(self):
@@ -99,7 +114,7 @@ class WaveNet(nn.Module):
         if self.cfg.likelihood == "mulaw":
             target = mu_law_encode(x, self.cfg.n_classes - 1).unsqueeze(2)
             return log_probs.gather(2, target).squeeze(2).mean(dim=2)
-        sigma = self.smoothing_sigma
+        sigma = self.component_sigma
         centres = self.centres.view(1, 1, -1, 1)
         log_normal = -0.5 * ((x.unsqueeze(2).float() - centres) / sigma) ** 2 - math.log(sigma * math.sqrt(2 * math.pi))
         return torch.logsumexp(log_probs + log_normal, dim=2).mean(dim=2)
@@ -108,7 +123,7 @@ class WaveNet(nn.Module):
         if self.cfg.likelihood == "mulaw":
             return mu_law_decode(index, self.cfg.n_classes - 1).to(self.centres.dtype)
         noise = torch.randn(index.shape, generator=generator, device=index.device)
-        return self.centres[index] + self.smoothing_sigma * noise
+        return self.centres[index] + self.component_sigma * noise
 
     def empty_caches(self, batch_size):
         device, dtype = self.centres.device, self.centres.dtype
