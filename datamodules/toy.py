@@ -4,18 +4,34 @@ from torch.utils.data import Dataset
 from datamodules.loaders import SplitDataModule
 from datamodules.toy_waveforms import check_source_names, toy_example
 
-# Disjoint seed ranges: the test set never changes and never overlaps training.
-SPLIT_SEED_OFFSET = {"train": 0, "val": 10_000_000, "test": 20_000_000}
+# Example i of val (test) is drawn from generator seed 10_000_000 + i (20_000_000 + i) whatever the run
+# seed, so every run is scored on the same mixtures. Training data follows the run seed and skips the
+# band [10M, 30M) that val and test use. torch's CPU generator keeps only the low 32 bits of a seed.
+SPLITS = ("train", "val", "test")
+EVAL_SEED_OFFSET = {"val": 10_000_000, "test": 20_000_000}
+EVAL_BAND = (10_000_000, 30_000_000)
+SPLIT_MAX_SIZE = 10_000_000
+TRAIN_SEED_STRIDE = 1_000_003
+
+
+def example_seed(split, index, run_seed):
+    if split != "train":
+        return EVAL_SEED_OFFSET[split] + index
+    # Run seeds 0-9 keep the training data they always had; later ones wrap around the eval band.
+    low, high = EVAL_BAND
+    value = (TRAIN_SEED_STRIDE * run_seed + index) % (2**32 - (high - low))
+    return value + (high - low) if value >= low else value
 
 
 class ToyDataset(Dataset):
     def __init__(self, split, size, sources, length, sample_rate, seed=0):
-        if split not in SPLIT_SEED_OFFSET:
-            raise ValueError(f"unknown split {split!r}; choose from {list(SPLIT_SEED_OFFSET)}")
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}; choose from {list(SPLITS)}")
         check_source_names(list(sources))
+        if not 0 <= size <= SPLIT_MAX_SIZE:
+            raise ValueError(f"a toy split holds 0 to {SPLIT_MAX_SIZE} examples, got {size}")
         self.split, self.size, self.sources = split, size, list(sources)
-        self.length, self.sample_rate = length, sample_rate
-        self.base_seed = SPLIT_SEED_OFFSET[split] + 1_000_003 * seed
+        self.length, self.sample_rate, self.seed = length, sample_rate, seed
 
     def __len__(self):
         return self.size
@@ -23,7 +39,8 @@ class ToyDataset(Dataset):
     def __getitem__(self, index):
         if not 0 <= index < self.size:
             raise IndexError(index)
-        sources = toy_example(self.base_seed + index, self.sources, self.length, self.sample_rate)
+        seed = example_seed(self.split, index, self.seed)
+        sources = toy_example(seed, self.sources, self.length, self.sample_rate)
         return {"sources": sources, "mix": sources.mean(dim=0), "index": index}
 
 

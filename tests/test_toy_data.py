@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from datamodules.sharded_sampler import ShardedEvalSampler
-from datamodules.toy import ToyDataModule, ToyDataset
+from datamodules.toy import EVAL_BAND, ToyDataModule, ToyDataset, example_seed
 from datamodules.toy_waveforms import TOY_SOURCES, key_to_frequency, toy_example, waveform
 
 
@@ -50,6 +50,33 @@ def test_deterministic_and_splits_differ():
     # A subset of sources keeps each source's waveform unchanged.
     subset = ToyDataset("test", 10, ["saw", "sine"], 512, 16000)
     assert torch.equal(subset[3]["sources"][0], a[3]["sources"][2])
+
+
+def test_run_seed_changes_training_data_only():
+    def items(seed, split):
+        dm = ToyDataModule(eval_length=256, crop_length=256, n_train=4, n_val=4, n_test=4, seed=seed)
+        dataset = dm.dataset(split)
+        return torch.stack([dataset[i]["sources"] for i in range(4)])
+
+    for split in ("val", "test"):
+        assert torch.equal(items(0, split), items(3, split))
+    assert not torch.equal(items(0, "train")[0], items(3, "train")[0])
+
+
+def test_training_data_never_repeats_a_val_or_test_example():
+    # With a stride of 1_000_003 per run seed, seed 10's training example 0 used to be val example 30.
+    for run_seed, split, index in ((10, "val", 30), (20, "test", 60)):
+        train = ToyDataset("train", 1, TOY_SOURCES, 64, 16000, seed=run_seed)
+        held_out = ToyDataset(split, 100, TOY_SOURCES, 64, 16000)
+        assert not torch.equal(train[0]["sources"], held_out[index]["sources"])
+
+
+@pytest.mark.parametrize("run_seed", [0, 9, 10, 20, 4294, -1])
+def test_training_seeds_never_enter_the_eval_band(run_seed):
+    low, high = EVAL_BAND
+    seeds = [example_seed("train", i, run_seed) for i in (0, 1, 4999, 999_999)]
+    assert all(0 <= s < 2**32 and not low <= s < high for s in seeds)
+    assert example_seed("train", 7, 1) == 1_000_003 + 7  # seeds 0-9 keep their training data
 
 
 def test_other_sample_rate():
