@@ -4,8 +4,9 @@ import logging
 
 from callbacks.cross_likelihood_callback import CrossLikelihoodReport
 from datamodules.registry import build_datamodule
-from experiments.config import to_dict
-from experiments.run_layout import canonical_sigma, experiment_dir, finished_sigmas, load_prior, prior_dir
+from experiments.config import ConfigError, to_dict
+from experiments.run_layout import (PAPER003_SIGMAS, canonical_sigma, experiment_dir, finished_sigmas, load_prior,
+                                    prior_dir)
 from experiments.trainer_factory import run_test_loop
 from lightning_modules.cross_likelihood import CrossLikelihoodModule
 
@@ -39,6 +40,10 @@ def resolve_sigmas(config):
 
 def run_cross_likelihood(config):
     cl = config.cross_likelihood
+    if cl.latent_only and config.model.name != "flowavenet":
+        # Only a flow has a latent term and log-dets to separate; other families have one likelihood.
+        raise ConfigError(f"latent_only exists for flow priors (model.name=flowavenet) only; model.name is "
+                          f"{config.model.name!r}: drop cross_likelihood.latent_only=true")
     sigmas_model, sigmas_data = resolve_sigmas(config)
     sources, model = list(config.data.sources), to_dict(config.model)
     priors = [load_prior(prior_dir(config, s), sources, model).prior for s in sigmas_model]
@@ -46,7 +51,7 @@ def run_cross_likelihood(config):
     module = CrossLikelihoodModule(
         priors, sigmas_model, sources, sigmas_data=sigmas_data, inputs=list(cl.inputs),
         n_input_examples=cl.n_input_examples, input_length=config.data.eval_length,
-        latent_only=cl.latent_only, noise_seed=cl.noise_seed,
+        latent_only=cl.latent_only, noise_seed=cl.noise_seed, table_sigma=PAPER003_SIGMAS[-1],
     )
     report = CrossLikelihoodReport(out_dir, to_dict(config))
     datamodule = build_datamodule(config.data, seed=config.seed, n_test=cl.n_test, output_root=config.output_root)

@@ -4,6 +4,8 @@ Works for any prior family that keeps the contract ``log_prob(x: [B, N, T]) -> [
 counts (not per-rank means) are reduced across DDP ranks, and the noise added to example i depends
 only on i, so the result does not depend on the number of processes or the batch size.
 """
+import math
+
 import pytorch_lightning as pl
 import torch
 from torch import nn
@@ -32,10 +34,12 @@ def example_noise(indices, shape, seed):
 
 
 class CrossLikelihoodModule(pl.LightningModule):
-    """``priors[a]`` is the family fine-tuned at ``sigmas_model[a]`` (0 = noiseless)."""
+    """``priors[a]`` is the family fine-tuned at ``sigmas_model[a]`` (0 = noiseless). Table 1 scores the
+    synthetic inputs under the noiseless model and the one at ``table_sigma`` (paper 003: 0.359), or the
+    largest sigma when that level is not among the models."""
 
     def __init__(self, priors, sigmas_model, sources, sigmas_data=(), inputs=INPUT_KINDS,
-                 n_input_examples=4, input_length=16384, latent_only=False, noise_seed=0):
+                 n_input_examples=4, input_length=16384, latent_only=False, noise_seed=0, table_sigma=None):
         super().__init__()
         if len(priors) != len(sigmas_model):
             raise ValueError("one sigma_model per prior family is needed")
@@ -46,6 +50,7 @@ class CrossLikelihoodModule(pl.LightningModule):
         self.inputs = list(inputs)
         self.n_input_examples, self.input_length = n_input_examples, input_length
         self.latent_only, self.noise_seed = latent_only, noise_seed
+        self.table_sigma = table_sigma
         n_models, n_sources = len(priors), len(sources)
         self.register_buffer("matrix_sums", torch.zeros(n_models, n_sources, n_sources, dtype=torch.float64))
         self.register_buffer("grid_sums", torch.zeros(n_models, len(self.sigmas_data), n_sources, dtype=torch.float64))
@@ -96,17 +101,27 @@ class CrossLikelihoodModule(pl.LightningModule):
                 "loglik": (grid_sums / count).tolist(),
             } if self.sigmas_data else None,
             "inputs_table": self.inputs_table(),
+            "inputs_table_sigmas": self.inputs_table_sigmas() if self.inputs else None,
         }
         for a, s in enumerate(self.sigmas_model):
             diagonal = torch.diagonal(matrix_sums[a] / count)
             self.log(f"cross_likelihood/diagonal_mean_sigma_{s:g}", diagonal.mean().float(), rank_zero_only=True)
 
+    def inputs_table_sigmas(self):
+        """{"noiseless", "wide"}: the sigma_model levels of Table 1, and the "requested" wide level."""
+        wide = max(self.sigmas_model)
+        if self.table_sigma is not None:
+            # Model sigmas are rounded to three significant digits (run_layout.canonical_sigma).
+            wide = next((s for s in self.sigmas_model if math.isclose(s, self.table_sigma, rel_tol=1e-3)), wide)
+        return {"noiseless": min(self.sigmas_model), "wide": wide, "requested": self.table_sigma}
+
     @torch.no_grad()
     def inputs_table(self):
-        """Table 1 under the noiseless and the widest-sigma model (deterministic, so every rank agrees)."""
+        """Table 1 under the noiseless and the wide model (deterministic, so every rank agrees)."""
         if not self.inputs:
             return []
-        chosen = sorted({self.sigmas_model.index(min(self.sigmas_model)), self.sigmas_model.index(max(self.sigmas_model))})
+        levels = self.inputs_table_sigmas()
+        chosen = sorted({self.sigmas_model.index(levels["noiseless"]), self.sigmas_model.index(levels["wide"])})
         rows = []
         for kind in self.inputs:
             x = synthetic_input(kind, self.n_input_examples, len(self.sources), self.input_length, self.noise_seed)

@@ -48,6 +48,21 @@ def test_cross_likelihood_matches_direct_computation():
     zeros = GaussianPriors(scales[1]).log_prob(synthetic_input("constant 0", 2, 3, 64)).mean(dim=0)
     assert torch.allclose(torch.tensor(table[("constant 0", 0.1)], dtype=torch.float64), zeros.double(), atol=1e-6)
     assert len(table) == 6  # 3 inputs x (noiseless, widest)
+    assert results["inputs_table_sigmas"] == {"noiseless": 0.0, "wide": 0.1, "requested": None}
+
+
+def test_table_1_uses_the_papers_level_when_it_was_trained():
+    sigmas = [0.0, 0.359, 1.0]  # the BASIS grid adds 1.0; paper 003's Table 1 is at 0.359
+    priors = [GaussianPriors([0.5 + a, 1.0]) for a in range(3)]
+    module = CrossLikelihoodModule(priors, sigmas, ["sine", "saw"], n_input_examples=1, input_length=16,
+                                   table_sigma=0.359)
+    assert {row["sigma_model"] for row in module.inputs_table()} == {0.0, 0.359}
+    assert module.inputs_table_sigmas() == {"noiseless": 0.0, "wide": 0.359, "requested": 0.359}
+    # Without that level, the largest one stands in, and the results say so.
+    module = CrossLikelihoodModule(priors[:1] + priors[2:], [0.0, 1.0], ["sine", "saw"], n_input_examples=1,
+                                   input_length=16, table_sigma=0.359)
+    assert {row["sigma_model"] for row in module.inputs_table()} == {0.0, 1.0}
+    assert module.inputs_table_sigmas()["wide"] == 1.0
 
 
 def test_noise_depends_on_example_not_batch():

@@ -86,3 +86,15 @@ def test_unset_model_options_compare_equal_to_their_defaults():
     with pytest.raises(ValueError, match="n_blocks"):
         check_compatible("x.ckpt", {"sources": ["sine"], "model": stored}, ["sine"],
                          {"name": "flowavenet", "n_blocks": 3})
+
+
+def test_latent_only_is_refused_for_a_wavenet(tmp_path, capsys):
+    from experiments.train import train_noiseless
+    from tests.conftest import TINY_WAVENET
+
+    overrides = TINY_WAVENET + [f"output_root={tmp_path}", "trainer.max_steps=2", "trainer.val_check_interval=2"]
+    train_noiseless(load_config("toy_wavenet", "default", overrides))
+    code, err = run_cli(capsys, "cross-likelihood", "experiment=toy_wavenet", *overrides,
+                        "cross_likelihood.latent_only=true")
+    assert code == 2 and "latent_only exists for flow priors (model.name=flowavenet) only" in err
+    assert not (tmp_path / "toy_wavenet" / "default" / "cross_likelihood").exists()
