@@ -2,11 +2,14 @@
 
 Both releases are read with the ``musdb`` package: the STEMS release (``<split>/<track>.stem.mp4``,
 decoded by ffmpeg) and MUSDB18-HQ (``<split>/<track>/<stem>.wav``, ``is_wav=True``). The validation
-split is musdb's own list of 14 training songs (its ``mus.yaml``). Stems are downmixed to mono and
+split is musdb's own list of 14 training songs (its ``mus.yaml``). A tree of one's own songs in these
+layouts holds none of them: then the last tenth of the training songs in sorted name order (at least
+one, never all) is the validation split, with a warning. Stems are downmixed to mono and
 resampled once with torchaudio, then served from the stem cache. ``musdb.DB`` is not used to list
 the songs: it probes every file with ffprobe on each start, and one corrupt file would stop it; we
 list the folders ourselves and build musdb's track objects one song at a time.
 """
+import logging
 from pathlib import Path
 
 import musdb
@@ -23,6 +26,16 @@ or
   $MUSDB_ROOT/test/<Artist - Title>/...wav"""
 # split -> (musdb subset folder, musdb split)
 SUBSETS = {"train": ("train", "train"), "val": ("train", "valid"), "test": ("test", None)}
+log = logging.getLogger(__name__)
+
+
+def own_validation_names(names):
+    """A user's own songs (none on musdb's list): the last tenth of ``names`` sorted, at least one, never all."""
+    names = sorted(names)
+    if len(names) < 2:
+        raise DatasetLayoutError(f"{len(names)} training song(s) and none on musdb's validation list: at least 2 "
+                                 "are needed, one held out for validation")
+    return names[len(names) - max(1, len(names) // 10):]
 
 
 def musdb_setup():
@@ -83,6 +96,12 @@ class MusdbDataModule(StemDataModule):
         names = sorted(p.name[:-len(".stem.mp4")] for p in folder.glob("*.stem.mp4")) if not is_wav else \
             sorted(p.name for p in folder.iterdir() if p.is_dir())
         validation = set(self.setup_yaml["validation_tracks"])
+        if names and musdb_split is not None and not validation & set(names):
+            validation = set(own_validation_names(names))
+            if musdb_split == "valid":  # said once, when the validation split is listed
+                log.warning("musdb18 %s holds none of musdb's validation songs; validating on the last tenth of "
+                            "its %d training songs by sorted name (%d: %s) and training on the rest", folder,
+                            len(names), len(validation), ", ".join(sorted(validation)))
         if musdb_split == "train":
             names = [n for n in names if n not in validation]
         elif musdb_split == "valid":

@@ -28,9 +28,10 @@ def synthetic_stem(rng, seconds, rate, channels=2, silent_from=None):
     return (wave[:, None] * pan[None, :]).astype(np.float32)
 
 
-def musdb_track_names(n_train, n_test):
-    train = [VALIDATION_NAME] + [f"Train Artist {i:02d} - Song" for i in range(n_train - 1)]
-    return {"train": train, "test": [f"Test Artist {i:02d} - Song" for i in range(n_test)]}
+def musdb_track_names(n_train, n_test, train_names=None):
+    if train_names is None:
+        train_names = [VALIDATION_NAME] + [f"Train Artist {i:02d} - Song" for i in range(n_train - 1)]
+    return {"train": list(train_names), "test": [f"Test Artist {i:02d} - Song" for i in range(n_test)]}
 
 
 def musdb_stems(rng, seconds, rate, silent_vocals_from=None):
@@ -38,10 +39,12 @@ def musdb_stems(rng, seconds, rate, silent_vocals_from=None):
             for name in STEMS}
 
 
-def write_musdb_hq(root, n_train=3, n_test=2, seconds=3.0, rate=44100, seed=0, silent_vocals_from=None):
-    """MUSDB18-HQ layout: <root>/{train,test}/<track>/{mixture,drums,bass,other,vocals}.wav."""
+def write_musdb_hq(root, n_train=3, n_test=2, seconds=3.0, rate=44100, seed=0, silent_vocals_from=None,
+                   train_names=None):
+    """MUSDB18-HQ layout: <root>/{train,test}/<track>/{mixture,drums,bass,other,vocals}.wav. ``train_names``
+    replaces the training songs (by default one from musdb's validation list and n_train - 1 others)."""
     root, rng, setup = Path(root), np.random.default_rng(seed), musdb_setup()
-    for subset, names in musdb_track_names(n_train, n_test).items():
+    for subset, names in musdb_track_names(n_train, n_test, train_names).items():
         for name in names:
             folder = root / subset / name
             folder.mkdir(parents=True, exist_ok=True)

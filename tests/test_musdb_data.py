@@ -61,6 +61,37 @@ def test_hq_shapes_rate_splits_and_content(hq_root, tmp_path):
     assert dm.dataset("test")[0]["sources"].shape == (4, 4096)
 
 
+def test_own_songs_hold_out_the_last_tenth_for_validation(hq_root, tmp_path, caplog):
+    # None of these is on musdb's validation list; sorted by name, "Zed - Last" is the last tenth (one song).
+    names = ["Zed - Last", "Alpha - One", "Mid - Two", "Beta - Three"]
+    root = write_musdb_hq(tmp_path / "own", n_test=1, seconds=0.5, train_names=names)
+    dm = datamodule(root, tmp_path / "cache", eval_length=1024)
+    with caplog.at_level("WARNING", logger="datamodules.musdb18"):
+        dm.setup("fit")
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 1 and "last tenth of its 4 training songs" in warned[0] and "Zed - Last" in warned[0]
+    train, val = (set(dm.load_songs(split)[1]) for split in ("train", "val"))
+    assert val == {"Zed - Last"} and train == set(names) - val
+    assert len(dm.dataset("val")) > 0 and next(iter(dm.train_dataloader()))["sources"].shape == (4, 4, 1024)
+    # A tree holding musdb's own validation songs keeps musdb's list, without a warning.
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="datamodules.musdb18"):
+        assert datamodule(hq_root, tmp_path / "cache").load_songs("val")[1] == [VALIDATION_NAME]
+    assert not caplog.records
+
+
+@pytest.mark.parametrize("n,held_out", [(2, 1), (3, 1), (19, 1), (20, 2), (86, 8)])
+def test_own_validation_is_at_least_one_song_and_never_all(n, held_out):
+    names = [f"song {i:03d}" for i in range(n)]
+    assert musdb18.own_validation_names(names[::-1]) == names[n - held_out:]
+
+
+def test_one_own_song_cannot_be_split(tmp_path):
+    root = write_musdb_hq(tmp_path / "own", n_test=1, seconds=0.5, train_names=["Solo - Song"])
+    with pytest.raises(DatasetLayoutError, match="at least 2"):
+        datamodule(root, tmp_path / "cache").list_tracks("val")
+
+
 def test_source_subset_and_order(hq_root, tmp_path):
     full = datamodule(hq_root, tmp_path / "cache")
     picked = datamodule(hq_root, tmp_path / "cache", sources=["vocals", "drums"])
