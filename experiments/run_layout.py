@@ -1,7 +1,10 @@
 """Where each run lives, how a finished run is marked, and how its priors are loaded back.
 
     {output_root}/{experiment}/{run_name}/noiseless/        last.ckpt, config.yaml, done.json, logs/
-    {output_root}/{experiment}/{run_name}/sigma_0.077/      the same, fine-tuned at sigma = 0.077
+    {output_root}/{experiment}/{run_name}/sigma_0.077/      the same, fine-tuned at sigma = 0.077 from the
+                                                            noiseless prior (make finetune-noise, GRID=paper003)
+    {output_root}/{experiment}/{run_name}/basis_grid/sigma_0.0774/  the BASIS grid: each level fine-tuned from
+                                                            its smaller neighbour (GRID=basis)
     {output_root}/{experiment}/{run_name}/cross_likelihood/ CSV, JSON, PNG, Markdown, config.yaml
 """
 import json
@@ -41,8 +44,24 @@ def experiment_dir(config):
     return Path(config.output_root) / config.experiment / config.run_name
 
 
-def prior_dir(config, sigma=0.0):
-    return experiment_dir(config) / ("noiseless" if sigma == 0 else f"sigma_{canonical_sigma(sigma):g}")
+GRIDS = ("paper003", "basis")
+# The two grids initialise their levels differently (paper003: from the noiseless prior; basis: from
+# the neighbouring level), so they never share a directory, even where their sigmas coincide.
+GRID_SUBDIR = {"paper003": "", "basis": "basis_grid"}
+
+
+def check_grid(grid):
+    if grid not in GRIDS:
+        raise ValueError(f"unknown finetune.grid {grid!r}; choose from {list(GRIDS)}")
+    return grid
+
+
+def prior_dir(config, sigma=0.0, grid="paper003"):
+    """The run folder of the prior at ``sigma`` (0 = noiseless, shared by both grids) in ``grid``'s layout."""
+    if sigma == 0:
+        return experiment_dir(config) / "noiseless"
+    folder = experiment_dir(config) / GRID_SUBDIR[check_grid(grid)]
+    return folder / f"sigma_{canonical_sigma(sigma):g}"
 
 
 def is_done(run_dir):
@@ -53,11 +72,11 @@ def mark_done(run_dir, info):
     atomic_write_text(Path(run_dir) / "done.json", json.dumps(info, indent=2))
 
 
-def finished_sigmas(config):
-    """Noise levels (0 = noiseless) whose training finished, sorted."""
+def finished_sigmas(config, grid="paper003"):
+    """Noise levels (0 = noiseless) whose training finished in ``grid``'s layout, sorted."""
     root = experiment_dir(config)
     found = [0.0] if is_done(root / "noiseless") else []
-    for path in root.glob("sigma_*"):
+    for path in (root / GRID_SUBDIR[check_grid(grid)]).glob("sigma_*"):
         if is_done(path):
             found.append(float(path.name.removeprefix("sigma_")))
     return sorted(found)

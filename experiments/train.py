@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
+from pytorch_lightning.callbacks import ModelCheckpoint
 
+from callbacks.per_prior_early_stopping import PerPriorEarlyStopping
 from datamodules.registry import build_datamodule
 from experiments.config import save_config, to_dict
 from experiments.run_layout import (
@@ -27,25 +28,26 @@ def train_noiseless(config):
     module = PriorModule(
         model=to_dict(config.model), sources=list(config.data.sources), lr=config.optim.lr,
         lr_decay=config.optim.lr_decay, lr_decay_times=config.optim.lr_decay_times,
-        schedule_steps=config.trainer.max_steps, noise_sigma=0.0,
+        schedule_steps=config.trainer.max_steps, noise_sigma=0.0, seed=config.seed,
     )
     return fit(config, run_dir, module, config.trainer.max_steps, config.trainer.val_check_interval,
                job_type="train", early_stopping=False)
 
 
-def finetune(config, sigma, init_dir=None):
-    """Continue from the noiseless prior (or ``init_dir``) on x + N(0, sigma^2), until the validation
-    likelihood stops improving or ``finetune.max_steps``."""
+def finetune(config, sigma, init_dir=None, grid="paper003"):
+    """Continue from the noiseless prior (or ``init_dir``) on x + N(0, sigma^2), until every prior's
+    validation likelihood stops improving or ``finetune.max_steps``; each prior keeps its best weights.
+    The result goes to ``grid``'s layout."""
     init_dir = Path(init_dir) if init_dir else prior_dir(config, 0.0)
     if not is_done(init_dir):
         raise FileNotFoundError(
             f"no finished prior to fine-tune from at {init_dir}; run the training first "
             f"(make train EXPERIMENT={config.experiment} PRESET={config.preset}) or finish the previous noise level"
         )
-    run_dir = prior_dir(config, sigma)
+    run_dir = prior_dir(config, sigma, grid)
     module = PriorModule(
         model=to_dict(config.model), sources=list(config.data.sources), lr=config.finetune.lr,
-        lr_decay_times=0, schedule_steps=config.finetune.max_steps, noise_sigma=sigma,
+        lr_decay_times=0, schedule_steps=config.finetune.max_steps, noise_sigma=sigma, seed=config.seed,
     )
     if not (run_dir / "last.ckpt").is_file():
         checkpoint = torch.load(init_dir / "last.ckpt", map_location="cpu", weights_only=True)
@@ -53,7 +55,7 @@ def finetune(config, sigma, init_dir=None):
                          list(config.data.sources), to_dict(config.model))
         module.load_state_dict(checkpoint["state_dict"])
     return fit(config, run_dir, module, config.finetune.max_steps, config.finetune.val_check_interval,
-               job_type="finetune", early_stopping=True, extra={"init_from": str(init_dir)})
+               job_type="finetune", early_stopping=True, extra={"init_from": str(init_dir), "grid": grid})
 
 
 def finetune_grid(config):
@@ -63,8 +65,8 @@ def finetune_grid(config):
     if config.finetune.grid == "basis":
         results, previous = [], None
         for sigma in basis_sigmas():
-            results.append(finetune(config, sigma, init_dir=previous))
-            previous = prior_dir(config, sigma)
+            results.append(finetune(config, sigma, init_dir=previous, grid="basis"))
+            previous = prior_dir(config, sigma, "basis")
         return results
     raise ValueError(f"unknown finetune.grid {config.finetune.grid!r}; choose 'paper003' or 'basis'")
 
@@ -85,21 +87,27 @@ def fit(config, run_dir, module, max_steps, val_check_interval, job_type, early_
     save_config(config, run_dir / "config.yaml")
     callbacks = [ModelCheckpoint(dirpath=str(run_dir), filename="last", save_top_k=0, save_last=True,
                                  every_n_train_steps=config.trainer.checkpoint_every_n_steps)]
-    if early_stopping:
-        callbacks.append(EarlyStopping(monitor="val/loglik", mode="max", patience=config.finetune.patience,
-                                       check_finite=False))
+    stopper = PerPriorEarlyStopping(list(config.data.sources), config.finetune.patience) if early_stopping else None
+    if stopper:
+        callbacks.append(stopper)
     trainer = build_trainer(config, run_dir, job_type, callbacks, max_steps, val_check_interval)
     started = time.time()
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume.is_file() else None,
                 weights_only=True)
     if trainer.interrupted:
         raise KeyboardInterrupt(f"training of {run_dir} was interrupted; rerun the same command to resume")
+    if stopper:
+        # The finished run holds every prior at its own best validation step, not the last weights.
+        stopper.restore_best(module)
+        extra = {**(extra or {}), "best": stopper.summary()}
     trainer.save_checkpoint(str(resume), weights_only=False)
     if trainer.is_global_zero:
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+        skipped = dict(zip(module.sources, module.skipped_per_prior))
         mark_done(run_dir, {"global_step": trainer.global_step, "seconds_this_session": time.time() - started,
                             "noise_sigma": module.noise_sigma, "skipped_steps": module.skipped_steps,
-                            "seed": config.seed, "metrics": metrics, **(extra or {})})
+                            "skipped_steps_per_prior": skipped, "seed": config.seed, "metrics": metrics,
+                            **(extra or {})})
     for logger in trainer.loggers:
         logger.finalize("success")
     return run_dir

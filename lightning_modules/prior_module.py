@@ -3,6 +3,10 @@
 It keeps the prior contract for the rest of the framework: ``log_prob(x: [B, N, T]) -> [B, N]`` (full
 log-likelihood in nats per audio sample) and ``noise_sigma`` (the sigma of the Gaussian noise the
 priors were trained or fine-tuned on; 0 for noiseless).
+
+The N priors of a family share grouped parameters but must train exactly as they would alone, so
+everything that couples them is done per prior (see ``per_prior``): the loss, the skip of a non-finite
+step, and gradient clipping.
 """
 import logging
 import math
@@ -16,6 +20,22 @@ from lightning_modules.prior_registry import build_prior
 log = logging.getLogger(__name__)
 
 
+def per_prior(tensor, n_priors):
+    """``[N, -1]`` view of a family parameter (or its gradient): row k belongs to prior k.
+
+    Every family keeps each parameter's first dimension grouped by prior (grouped convolutions stack
+    the N priors' filters along the output channels; ActNorm's are ``[N, C, 1]``)."""
+    return tensor.view(n_priors, -1)
+
+
+def mix_seed(*parts):
+    """One 63-bit seed from several integers (a fixed polynomial hash: stable across runs and ranks)."""
+    seed = 0
+    for part in parts:
+        seed = (seed * 1_000_003 + int(part)) % (2**63 - 1)
+    return seed
+
+
 class PriorModule(pl.LightningModule):
     def __init__(
         self,
@@ -26,6 +46,7 @@ class PriorModule(pl.LightningModule):
         lr_decay_times: int = 5,
         schedule_steps: int = 150_000,
         noise_sigma: float = 0.0,
+        seed: int = 0,
     ):
         super().__init__()
         if not (isinstance(noise_sigma, (int, float)) and math.isfinite(noise_sigma) and noise_sigma >= 0):
@@ -33,11 +54,23 @@ class PriorModule(pl.LightningModule):
         self.save_hyperparameters()
         self.sources = list(sources)
         self.prior = build_prior(model, len(self.sources))
-        self.skipped_steps = 0
+        # A family whose density depends on the noise it was fine-tuned at (the smoothed WaveNet) reads it here.
+        self.prior.noise_sigma = float(noise_sigma)
+        n = len(self.sources)
+        bad = [name for name, p in self.prior.named_parameters() if p.shape[0] % n]
+        if bad:
+            raise ValueError(f"parameters {bad} are not grouped by prior (first dimension not a multiple of {n})")
+        self.skipped_per_prior = [0] * n
+        self.loss_skip = None  # [N] bool: priors whose loss was non-finite on some rank in this step
 
     @property
     def noise_sigma(self) -> float:
         return float(self.hparams.noise_sigma)
+
+    @property
+    def skipped_steps(self) -> int:
+        """How many (step, prior) updates were skipped for a non-finite loss or gradient."""
+        return sum(self.skipped_per_prior)
 
     def log_prob(self, x, **kwargs):
         return self.prior.log_prob(x, **kwargs)
@@ -48,33 +81,82 @@ class PriorModule(pl.LightningModule):
         noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         return x + self.noise_sigma * noise
 
+    def training_generator(self, batch_idx):
+        """Fresh noise every step and a different draw on every DDP rank; a function of (seed, rank,
+        step, batch) only, so a resumed run draws exactly the noise the uninterrupted one would have."""
+        seed = mix_seed(self.hparams.seed, self.global_rank, self.global_step, batch_idx)
+        return torch.Generator(device=self.device).manual_seed(seed)
+
+    def any_rank(self, flags):
+        """Element-wise OR of a bool tensor over DDP ranks (every rank must take the same decision)."""
+        if self._trainer is not None and self.trainer.world_size > 1:
+            flags = self.trainer.strategy.reduce(flags.float(), reduce_op="sum") > 0
+        return flags
+
     def training_step(self, batch, batch_idx):
-        log_prob = self.log_prob(self.add_noise(batch["sources"]))  # [B, N]
-        # Sum over sources of each prior's mean NLL: each prior gets the gradient it would get alone.
-        loss = -log_prob.mean(dim=0).sum()
-        if not torch.isfinite(loss):
-            self.skipped_steps += 1
-            log.warning("non-finite loss at step %d: skipping the step", self.global_step)
-            self.log("train/skipped_steps", float(self.skipped_steps))
-            return None
-        per_source = log_prob.detach().mean(dim=0)
-        self.log("train/loglik", per_source.mean(), prog_bar=True)
-        for name, value in zip(self.sources, per_source):
-            self.log(f"train/loglik_{name}", value)
+        x = self.add_noise(batch["sources"], self.training_generator(batch_idx))
+        log_prob = self.log_prob(x)  # [B, N]
+        # Sum over priors of each prior's mean NLL: each prior gets the gradient it would get alone.
+        per_prior_loss = -log_prob.float().mean(dim=0)
+        skip = self.any_rank(~torch.isfinite(per_prior_loss))
+        self.loss_skip = skip if self.loss_skip is None else self.loss_skip | skip
+        # A skipped prior contributes a zero that stays connected to the graph: returning None instead
+        # would make Lightning raise under DDP. Its gradients are zeroed in on_before_optimizer_step.
+        loss = torch.where(skip, torch.zeros_like(per_prior_loss), per_prior_loss).sum()
+        kept = (~skip).float()
+        per_source = -per_prior_loss.detach().nan_to_num(0.0) * kept
+        if bool(kept.any()):
+            self.log("train/loglik", per_source.sum() / kept.sum(), prog_bar=True)
+        for k, name in enumerate(self.sources):
+            if not skip[k]:
+                self.log(f"train/loglik_{name}", per_source[k])
         return loss
 
     def on_before_optimizer_step(self, optimizer):
-        grads = [p.grad for p in self.parameters() if p.grad is not None]
-        if grads and not all(torch.isfinite(g).all() for g in grads):
-            self.skipped_steps += 1
-            log.warning("non-finite gradient at step %d: skipping the step", self.global_step)
-            self.log("train/skipped_steps", float(self.skipped_steps))
+        """Skip, per prior, an update whose loss or gradient is not finite (after the DDP all-reduce the
+        gradients are equal on every rank, so every rank skips the same priors)."""
+        n = len(self.sources)
+        params = [p for p in self.parameters() if p.grad is not None]
+        skip = torch.zeros(n, dtype=torch.bool, device=self.device)
+        if self.loss_skip is not None:
+            skip |= self.loss_skip.to(self.device)
+        self.loss_skip = None
+        for p in params:
+            skip |= ~torch.isfinite(per_prior(p.grad, n)).all(dim=1)
+        if not bool(skip.any()):
+            return
+        for k in torch.nonzero(skip).flatten().tolist():
+            self.skipped_per_prior[k] += 1
+            log.warning("non-finite loss or gradient of prior %r at step %d: skipping its update",
+                        self.sources[k], self.global_step)
+        if bool(skip.all()):
             optimizer.zero_grad(set_to_none=True)  # Adam leaves parameters without grads untouched
+        else:
+            # Zeroed, a prior's slice gets no gradient this step (Adam's running moments still decay).
+            for p in params:
+                per_prior(p.grad, n)[skip] = 0.0
+        self.log("train/skipped_steps", float(self.skipped_steps))
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        """Clip each prior's gradient by its own norm, as if it trained alone (not by the family's)."""
+        if not gradient_clip_val:
+            return
+        if gradient_clip_algorithm not in (None, "norm"):
+            # Clipping by value acts on each element, which is already per prior.
+            return self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        n = len(self.sources)
+        grads = [per_prior(p.grad, n) for p in self.parameters() if p.grad is not None]
+        if not grads:
+            return
+        norms = torch.stack([g.float().pow(2).sum(dim=1) for g in grads]).sum(dim=0).sqrt()  # [N]
+        scale = (gradient_clip_val / (norms + 1e-6)).clamp(max=1.0)
+        for g in grads:
+            g.mul_(scale.to(g.dtype).unsqueeze(1))
 
     def validation_step(self, batch, batch_idx):
         # Fixed noise per batch so the early-stopping signal does not jitter between checks.
         generator = torch.Generator(device=batch["sources"].device).manual_seed(batch_idx)
-        per_source = self.log_prob(self.add_noise(batch["sources"], generator)).mean(dim=0)
+        per_source = self.log_prob(self.add_noise(batch["sources"], generator)).float().mean(dim=0)
         batch_size = batch["sources"].shape[0]
         self.log("val/loglik", per_source.mean(), sync_dist=True, batch_size=batch_size, prog_bar=True)
         for name, value in zip(self.sources, per_source):
@@ -93,6 +175,7 @@ class PriorModule(pl.LightningModule):
         checkpoint["rng_states"] = {"torch": torch.get_rng_state(), "python": random.getstate()}
         if torch.cuda.is_available():
             checkpoint["rng_states"]["cuda"] = torch.cuda.get_rng_state_all()
+        checkpoint["skipped_per_prior"] = list(self.skipped_per_prior)
 
     def on_load_checkpoint(self, checkpoint):
         states = checkpoint.get("rng_states")
@@ -101,3 +184,6 @@ class PriorModule(pl.LightningModule):
             random.setstate(states["python"])
             if "cuda" in states and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(states["cuda"])
+        skipped = checkpoint.get("skipped_per_prior")
+        if skipped and len(skipped) == len(self.sources):
+            self.skipped_per_prior = list(skipped)

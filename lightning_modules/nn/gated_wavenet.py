@@ -9,19 +9,34 @@ from lightning_modules.nn.grouped import GroupedConv1d
 
 
 class GatedResidualLayer(nn.Module):
-    """Dilated conv -> tanh * sigmoid gate -> residual and skip 1x1 convs."""
+    """Dilated conv -> tanh * sigmoid gate -> residual and skip 1x1 convs.
 
-    def __init__(self, n_groups, width, kernel_size, dilation, causal=False):
+    The last layer of a stack has no residual conv: only its skip output is used, and a parameter
+    outside the loss's graph makes DDP training stop with an error.
+    """
+
+    def __init__(self, n_groups, width, kernel_size, dilation, causal=False, last=False):
         super().__init__()
         self.dilated = GroupedConv1d(n_groups, width, 2 * width, kernel_size, dilation, causal)
-        self.residual = GroupedConv1d(n_groups, width, width)
+        self.residual = None if last else GroupedConv1d(n_groups, width, width)
         self.skip = GroupedConv1d(n_groups, width, width)
+        if last:
+            self._register_load_state_dict_pre_hook(drop_unused_residual)
 
     def forward(self, h, past=None):
         filter_part, gate_part = self.dilated(h, past).chunk(2, dim=2)
         gated = torch.tanh(filter_part) * torch.sigmoid(gate_part)
+        if self.residual is None:
+            return h, self.skip(gated)
         # sqrt(0.5) keeps the residual stream's variance from growing with depth.
         return (h + self.residual(gated)) * math.sqrt(0.5), self.skip(gated)
+
+
+def drop_unused_residual(state_dict, prefix, *args):
+    """Checkpoints written before the last layer lost its residual conv still load: that conv never
+    reached the output, so dropping its weights changes nothing."""
+    for key in [k for k in state_dict if k.startswith(prefix + "residual.")]:
+        del state_dict[key]
 
 
 class GatedWaveNet(nn.Module):
@@ -34,7 +49,8 @@ class GatedWaveNet(nn.Module):
         super().__init__()
         self.start = GroupedConv1d(n_groups, in_channels, width)
         self.layers = nn.ModuleList(
-            GatedResidualLayer(n_groups, width, kernel_size, 2**i, causal) for i in range(n_layers)
+            GatedResidualLayer(n_groups, width, kernel_size, 2**i, causal, last=i == n_layers - 1)
+            for i in range(n_layers)
         )
         self.end_hidden = GroupedConv1d(n_groups, width, width)
         self.end_out = GroupedConv1d(n_groups, width, out_channels)
