@@ -75,7 +75,7 @@ train: ## Train the priors of EXPERIMENT (or MODEL)
 finetune-noise: ## Fine-tune the priors on x + N(0, SIGMA^2), e.g. make finetune-noise SIGMA=0.077
 	$(CLI) finetune $(COMMON) sigma=$(SIGMA) $(ARGS)
 
-finetune-noise-all: ## Fine-tune every level of GRID (paper003: 5 levels; basis: 10 levels, serially)
+finetune-noise-all: ## Fine-tune every level of GRID (paper003: 5 levels from the noiseless prior; basis: 10 levels, serially, in basis_grid/)
 	$(CLI) finetune-all $(COMMON) finetune.grid=$(GRID) $(ARGS)
 
 cross-likelihood: ## Cross-likelihood matrices, noise grid and constant-input table (CSV/JSON/PNG/MD + W&B)
