@@ -1,9 +1,9 @@
 """Checkpoint writer that never leaves a half-written or non-finite checkpoint behind: a process
-killed mid-save keeps the previous file (see callbacks/atomic_io.py)."""
+killed mid-save keeps the previous file (see datamodules/atomic_io.py)."""
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 
-from callbacks.atomic_io import atomic_write
+from datamodules.atomic_io import atomic_write
 
 
 def non_finite_tensors(state_dict):

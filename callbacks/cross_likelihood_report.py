@@ -16,7 +16,7 @@ from typing import IO, Any, Mapping
 
 import numpy as np
 
-from callbacks.atomic_io import atomic_write
+from datamodules.atomic_io import atomic_write
 
 COLUMNS = ("kind", "source", "prior", "sigma_model", "sigma_data", "loglik")
 

@@ -9,8 +9,10 @@ from pathlib import Path
 import pytorch_lightning as pl
 from pytorch_lightning.loggers import WandbLogger
 
-from callbacks.atomic_io import atomic_write, atomic_write_text
+from datamodules.atomic_io import atomic_write, atomic_write_text
 from datamodules.audio_file import write_wav
+
+SUMMARY_METRICS = ("si_sdr", "si_sdri", "sdr", "si_sdri_windowed")
 
 
 class SeparationReport(pl.Callback):
@@ -50,8 +52,8 @@ class SeparationReport(pl.Callback):
         payload = {
             "separation/rows": wandb.Table(columns=columns, data=[[r.get(c) for c in columns] for r in results["rows"]]),
             "separation/summary": wandb.Table(
-                columns=["method", "si_sdr", "si_sdri", "sdr"],
-                data=[[m, s.get("si_sdr"), s.get("si_sdri"), s.get("sdr")] for m, s in results["summary"].items()],
+                columns=["method", *SUMMARY_METRICS],
+                data=[[m, *(s.get(k) for k in SUMMARY_METRICS)] for m, s in results["summary"].items()],
             ),
             "separation/trace": wandb.Image(str(self.paths["trace"])),
         }
@@ -80,19 +82,29 @@ def write_csv(rows, stream):
 
 def summary_markdown(results):
     sources = results["sources"]
+    windowed = results.get("protocol") == "windowed"
     lines = [
         f"# {results['algorithm']} separation: {results['count']} mixtures of {', '.join(sources)}, "
         f"{results['n_chains']} chain(s) each",
         "",
         "Means over mixtures, dB. SI-SDRi = SI-SDR minus the mix's own SI-SDR against each reference.",
         "",
-        "| method | SI-SDR | SI-SDRi | SDR (BSSEval v4) | " + " | ".join(f"SI-SDR {s}" for s in sources) + " |",
-        "|---|---|---|---|" + "---|" * len(sources),
     ]
+    mixing = results.get("mixing")
+    if mixing:
+        lines += [f"Mixing: {mixing['kind']} (alpha = {mixing['alpha']}, from {mixing['from']}).", ""]
+    if windowed:
+        lines += [f"Windowed SI-SDRi: windows of {results['window']} samples, hop {results['hop']}, those with at "
+                  "most one active source skipped; the mean over every kept window of every mixture.", ""]
+    extra = ["SI-SDRi windowed", "kept windows"] if windowed else []
+    columns = ["method", "SI-SDR", "SI-SDRi", "SDR (BSSEval v4)", *extra, *(f"SI-SDR {s}" for s in sources)]
+    lines += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for method, stats in results["summary"].items():
-        cells = [fmt(stats.get("si_sdr")), fmt(stats.get("si_sdri")), fmt(stats.get("sdr"))]
+        cells = [method, fmt(stats.get("si_sdr")), fmt(stats.get("si_sdri")), fmt(stats.get("sdr"))]
+        if windowed:
+            cells += [fmt(stats.get("si_sdri_windowed")), str(stats.get("windows_kept", "-"))]
         cells += [fmt(stats.get(f"si_sdr_{s}")) for s in sources]
-        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        lines.append("| " + " | ".join(cells) + " |")
     lines += ["", f"Wall time {results['seconds']:.1f} s; non-finite prior gradients skipped: "
               f"{results['nonfinite_prior_gradients']}.", ""]
     return "\n".join(lines)

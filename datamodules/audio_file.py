@@ -11,7 +11,7 @@ import soundfile
 import torch
 import torchaudio
 
-from callbacks.atomic_io import atomic_write
+from datamodules.atomic_io import atomic_write
 
 
 class AudioFileError(ValueError):

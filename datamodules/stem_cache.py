@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from callbacks.atomic_io import atomic_write, atomic_write_text
+from datamodules.atomic_io import atomic_write, atomic_write_text
 
 CACHE_VERSION = 1
 

@@ -3,7 +3,9 @@
 A subclass says where the tracks of a split are and how to decode one (``list_tracks``); this class
 decodes each track once into the stem cache, skips a track that fails with a warning, and serves
 random non-silent training frames and a fixed list of non-silent evaluation frames. Items look like
-the toy data's: ``{"sources": [N, T], "mix": [T] (their mean), "index"}``.
+the toy data's: ``{"sources": [N, T], "mix": [T], "index"}``, but the mix is the SUM of the stems, as
+in the songs themselves (the toy data's is their mean), so a separation test loop scores what a user
+would separate.
 """
 import logging
 import os
@@ -61,9 +63,19 @@ def dataset_root(root, env_var, dataset, layout):
     return root
 
 
+class SummedSongArrays(SongArrays):
+    """The songs' frames with the mix a real song has: the sum of its stems (SongArrays serves their mean)."""
+
+    def item(self, song, start, length, index):
+        item = super().item(song, start, length, index)
+        item["mix"] = item["sources"].sum(dim=0)
+        return item
+
+
 class StemDataModule(SplitDataModule):
     dataset_name = "stems"
     layout = ""
+    mixing = "sum"  # datamodules/registry.py MIXING reads it
 
     def __init__(self, sources, sample_rate, crop_length, eval_length, batch_size, eval_batch_size,
                  frames_per_song=150, silence_threshold=1.5e-5, max_tracks=None, n_val=500, n_test=1500,
@@ -118,7 +130,7 @@ class StemDataModule(SplitDataModule):
         if not paths:
             raise DatasetLayoutError(f"no usable {self.dataset_name} track in split {split!r}: "
                                      + "; ".join(failures[:5]) + f". Expected layout:\n{self.layout}")
-        return SongArrays(paths, rows), names
+        return SummedSongArrays(paths, rows), names
 
     def dataset(self, split):
         if split not in self.datasets:
@@ -134,7 +146,7 @@ class StemDataModule(SplitDataModule):
                 raise DatasetLayoutError(f"every {length}-sample frame of the {self.dataset_name} {split} split "
                                          f"is silent under data.silence_threshold={self.silence_threshold}; "
                                          "lower it (0 keeps every frame) or check the stems")
-            songs = SongArrays([songs.paths[i] for i, _ in kept], songs.rows)
+            songs = SummedSongArrays([songs.paths[i] for i, _ in kept], songs.rows)
             starts = [s for _, s in kept]
             if split == "train":
                 self.datasets[split] = RandomFrames(songs, starts, length, self.frames_per_song)

@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from callbacks.atomic_io import atomic_write_text
+from datamodules.atomic_io import atomic_write_text
 from experiments.config import load_config, to_dict
 from lightning_modules.prior_registry import build_prior, resolve_model_config
 

@@ -5,7 +5,7 @@ musdb_flow compares musdb_flow with musdb_wavenet (the musdb row)."""
 import json
 from pathlib import Path
 
-from callbacks.atomic_io import atomic_write, atomic_write_text
+from datamodules.atomic_io import atomic_write, atomic_write_text
 from callbacks.cross_likelihood_report import discrimination_margins, plot_matrices
 
 

@@ -10,7 +10,7 @@ from typing import Any, List, Optional
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from callbacks.atomic_io import atomic_write_text
+from datamodules.atomic_io import atomic_write_text
 
 EXPERIMENTS_DIR = Path(__file__).resolve().parent
 PRESETS_DIR = EXPERIMENTS_DIR / "presets"
@@ -111,15 +111,18 @@ class SeparationConfig:
     length: Optional[int] = None  # samples per mixture (and per chunk of a user file); None = data.eval_length
     batch_size: int = 1  # mixtures per test batch
     n_chains: int = 4  # posterior samples per mixture, run in parallel
-    mixing: str = "mean"  # mean | sum; or explicit mixing_weights
+    # None = the dataset's own (datamodules/registry.py MIXING: toy mean, musdb18 and slakh2100 sum);
+    # mean | sum, or explicit mixing_weights, override it.
+    mixing: Optional[str] = None
     mixing_weights: Optional[List[float]] = None
     levels: int = 10  # BASIS: geometric noise levels sigma_max -> sigma_min
     sigma_max: float = 1.0
     sigma_min: float = 0.01
     steps_per_level: int = 100
     delta: float = 2e-5  # eta_i = delta * sigma_i^2 / sigma_L^2
-    # exact: the prior fine-tuned at each level (make finetune-noise-all GRID=basis);
-    # nearest: the finished prior nearest in log-sigma (labelled in the results).
+    # exact: BASIS takes each level from the BASIS grid (make finetune-noise-all GRID=basis), SGLD its
+    # sgld_prior_sigma from make finetune-noise (else the BASIS grid); nearest: the finished level nearest in
+    # log-sigma from either layout (the algorithm's own grid wins ties). The directories are recorded.
     prior_levels: str = "exact"
     sgld_steps: int = 1000
     sgld_eta: float = 2e-5
@@ -129,6 +132,11 @@ class SeparationConfig:
     init_range: float = 1.0  # chains start uniform in [-init_range, init_range]
     seed: int = 0
     museval: bool = True
+    # full: SI-SDR, SI-SDRi, SDR of each whole item; windowed: also the SI-SDRi of recent generative
+    # separators over windows (with at most one active source skipped, data.silence_threshold's rule).
+    protocol: str = "full"
+    window_seconds: float = 4.0  # an item shorter than a window is scored as one window
+    hop_seconds: float = 2.0
     write_wavs: bool = True
     n_audio_examples: int = 4  # mixtures logged as audio to W&B
     min_seconds: float = 0.1  # shortest user file accepted

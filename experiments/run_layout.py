@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from callbacks.atomic_io import atomic_write_text
+from datamodules.atomic_io import atomic_write_text
 
 PAPER003_SIGMAS = (0.01, 0.027, 0.077, 0.129, 0.359)
 

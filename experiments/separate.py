@@ -14,16 +14,16 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from callbacks.atomic_io import atomic_write_text
+from datamodules.atomic_io import atomic_write_text
 from callbacks.separation_report import SeparationReport
 from datamodules.audio_file import read_mono, write_wav
-from datamodules.registry import build_datamodule
+from datamodules.registry import build_datamodule, dataset_mixing
 from experiments.config import ConfigError, save_config, to_dict
 from experiments.run_layout import basis_sigmas, canonical_sigma, experiment_dir, finished_sigmas, load_prior, prior_dir
 from experiments.trainer_factory import run_test_loop
 from lightning_modules.langevin import LangevinSeparator, basis_levels, mixing_weights, sgld_levels
 from lightning_modules.nn.source_subset import SourceSubset
-from lightning_modules.separation import SEED_STRIDE, SeparationModule
+from lightning_modules.separation import PROTOCOLS, SEED_STRIDE, SeparationModule
 
 log = logging.getLogger(__name__)
 ALGORITHMS = ("basis", "sgld")
@@ -49,53 +49,115 @@ def levels_for(config):
     raise ConfigError(f"unknown separation.algorithm {sep.algorithm!r}; choose from {list(ALGORITHMS)}")
 
 
-def nearest(sigma, available):
-    """The finished level nearest in log-sigma (noiseless counts as 1e-4)."""
-    return min(available, key=lambda a: abs(math.log(max(a, 1e-4)) - math.log(max(sigma, 1e-4))))
+def log_distance(a, b):
+    """Distance in log-sigma; the noiseless prior counts as sigma = 1e-4."""
+    return abs(math.log(max(a, 1e-4)) - math.log(max(b, 1e-4)))
 
 
-def prior_sigmas(config, wanted):
-    """Which finished prior serves each wanted noise level, per separation.prior_levels."""
-    available = finished_sigmas(config)
-    if not available:
+# Where each algorithm looks for its priors, its own grid first: BASIS anneals over the serial BASIS grid;
+# SGLD uses one level, which `make finetune-noise SIGMA=...` (the paper003 layout) writes.
+GRID_PREFERENCE = {"basis": ("basis", "paper003"), "sgld": ("paper003", "basis")}
+
+
+def finished_priors(config, grids):
+    """Every finished prior of ``grids`` as {"sigma", "grid", "dir"}, earlier grids first; the noiseless
+    prior (shared by both layouts) once."""
+    found = []
+    for grid in grids:
+        for sigma in finished_sigmas(config, grid):
+            directory = str(prior_dir(config, sigma, grid))
+            if all(directory != f["dir"] for f in found):
+                found.append({"sigma": sigma, "grid": "noiseless" if sigma == 0 else grid, "dir": directory})
+    return found
+
+
+def missing_prior_error(config, sigmas, grid, finished):
+    where = experiment_dir(config) / ("basis_grid" if grid == "basis" else "")
+    args = f"EXPERIMENT={config.experiment} PRESET={config.preset}"
+    if grid == "basis":
+        fix = f"make finetune-noise-all GRID=basis {args}"
+        if not set(sigmas) <= set(basis_sigmas()):
+            fix += (" (it fine-tunes the default grid, 10 levels 1.0 -> 0.01: set separation.levels, sigma_max "
+                    "and sigma_min to those)")
+        what = "in the BASIS grid"
+    else:
+        fix = " and ".join(f"make finetune-noise SIGMA={s:g} {args}" for s in sigmas)
+        fix += f" (or make finetune-noise-all GRID=basis {args} for the BASIS grid's levels)"
+        what = "by make finetune-noise nor in the BASIS grid"
+    return FileNotFoundError(
+        f"no prior fine-tuned at sigma {sigmas} {what} under {where} (finished: "
+        f"{[(f['sigma'], f['grid']) for f in finished]}). Run {fix}, or pass separation.prior_levels=nearest "
+        f"to use the nearest finished levels of either layout"
+    )
+
+
+def resolve_priors(config, wanted):
+    """Which finished prior ({"sigma", "grid", "dir"}) serves each wanted noise level, per
+    separation.prior_levels. The last entry of ``wanted`` is the selection prior's level."""
+    sep = config.separation
+    order = GRID_PREFERENCE[sep.algorithm]
+    finished = finished_priors(config, order)
+    if not finished:
         raise FileNotFoundError(
             f"no finished prior under {experiment_dir(config)}; train it first: "
             f"make train EXPERIMENT={config.experiment} PRESET={config.preset}"
         )
-    policy = config.separation.prior_levels
-    if policy == "nearest":
-        return [nearest(s, available) for s in wanted]
-    if policy != "exact":
-        raise ConfigError(f"unknown separation.prior_levels {policy!r}; choose 'exact' or 'nearest'")
-    missing = sorted({s for s in wanted if s not in available})
+    if sep.prior_levels == "nearest":  # min() keeps the first of equals: the algorithm's own grid
+        return [min(finished, key=lambda f: log_distance(f["sigma"], sigma)) for sigma in wanted]
+    if sep.prior_levels != "exact":
+        raise ConfigError(f"unknown separation.prior_levels {sep.prior_levels!r}; choose 'exact' or 'nearest'")
+    # BASIS levels come from the BASIS grid only; SGLD's level and the selection prior from either.
+    grids = [order[:1] if sep.algorithm == "basis" else order] * (len(wanted) - 1) + [order]
+    used = []
+    for sigma, allowed in zip(wanted, grids):
+        match = [f for f in finished if f["sigma"] == sigma and f["grid"] in (*allowed, "noiseless")]
+        used.append(match[0] if match else None)
+    missing = sorted({s for s, u in zip(wanted, used) if u is None})
     if missing:
-        raise FileNotFoundError(
-            f"no prior fine-tuned at sigma {missing} under {experiment_dir(config)} (finished: {available}). "
-            f"Run make finetune-noise-all GRID=basis EXPERIMENT={config.experiment} PRESET={config.preset}, "
-            f"or pass separation.prior_levels=nearest to use the nearest finished levels"
-        )
-    return list(wanted)
+        grid = "basis" if sep.algorithm == "basis" and any(u is None for u in used[:-1]) else "paper003"
+        raise missing_prior_error(config, missing, grid, finished)
+    return used
+
+
+def resolve_mixing(config, n_sources):
+    """(alpha [N], record): separation.mixing_weights, else separation.mixing, else the dataset's own mixing."""
+    sep = config.separation
+    if sep.mixing_weights is not None:
+        kind, origin = "weights", "separation.mixing_weights"
+    elif sep.mixing is not None:
+        kind, origin = sep.mixing, "separation.mixing"
+    else:
+        kind, origin = dataset_mixing(config.data.name), f"data.name={config.data.name}"
+    alpha = mixing_weights(None if kind == "weights" else kind, n_sources, sep.mixing_weights)
+    return alpha, {"kind": kind, "alpha": alpha.tolist(), "from": origin}
 
 
 def build_separator(config):
-    """(separator, selection prior, sources, the prior sigma actually used at each level)."""
+    """(separator, selection prior, sources, record): the record says which prior directory serves each
+    level and the selection, and which mixing is used (and why)."""
     sep, sources = config.separation, separation_sources(config)
+    alpha, mixing = resolve_mixing(config, len(sources))
     levels = levels_for(config)
     wanted = [level.sigma for level in levels]
     selection_wanted = wanted[-1] if sep.selection_sigma is None else canonical_sigma(sep.selection_sigma)
-    used = prior_sigmas(config, wanted + [selection_wanted])
+    used = resolve_priors(config, wanted + [selection_wanted])
     loaded = {}
-    for sigma in sorted(set(used)):
-        prior = load_prior(prior_dir(config, sigma), list(config.data.sources), to_dict(config.model)).prior
+    for directory in dict.fromkeys(u["dir"] for u in used):
+        prior = load_prior(directory, list(config.data.sources), to_dict(config.model)).prior
         if not getattr(prior, "has_density_gradient", True):
             raise ConfigError(
                 f"the priors of {experiment_dir(config)} have no density gradient (a mu-law WaveNet scores "
                 f"discrete classes); Langevin needs model.likelihood=smoothed: train a run with it"
             )
-        loaded[sigma] = SourceSubset(prior, list(config.data.sources), sources).eval()
-    alpha = mixing_weights(sep.mixing, len(sources), sep.mixing_weights)
-    separator = LangevinSeparator([loaded[s] for s in used[:-1]], levels, alpha, sep.init_range)
-    return separator, loaded[used[-1]], sources, used
+        loaded[directory] = SourceSubset(prior, list(config.data.sources), sources).eval()
+    separator = LangevinSeparator([loaded[u["dir"]] for u in used[:-1]], levels, alpha, sep.init_range)
+    record = {
+        "prior_sigma_per_level": [u["sigma"] for u in used[:-1]],
+        "prior_dir_per_level": [u["dir"] for u in used[:-1]],
+        "prior_grid_per_level": [u["grid"] for u in used[:-1]],
+        "selection_prior_sigma": used[-1]["sigma"], "selection_prior_dir": used[-1]["dir"], "mixing": mixing,
+    }
+    return separator, loaded[used[-1]["dir"]], sources, record
 
 
 def check_length(separator, length):
@@ -111,15 +173,23 @@ def output_name(config, sources):
 def run_separation(config):
     """Separate the first ``separation.n_test`` test mixtures of the run's dataset; returns (results, out_dir)."""
     sep = config.separation
-    separator, selection_prior, sources, used = build_separator(config)
+    if sep.protocol not in PROTOCOLS:
+        raise ConfigError(f"unknown separation.protocol {sep.protocol!r}; choose from {list(PROTOCOLS)}")
+    separator, selection_prior, sources, record = build_separator(config)
     length = sep.length or config.data.eval_length
     check_length(separator, length)
+    mixing = record["mixing"]
+    if mixing["kind"] != dataset_mixing(config.data.name):
+        log.warning("the %s test mixtures are the %s of their sources; separating them as %s (%s)",
+                    config.data.name, dataset_mixing(config.data.name), mixing["kind"], mixing["from"])
     data = OmegaConf.merge(config.data, {"sources": sources, "eval_length": length, "eval_batch_size": sep.batch_size})
     out_dir = experiment_dir(config) / "separation" / output_name(config, sources)
+    rate = config.data.sample_rate
     module = SeparationModule(separator, sources, sep.algorithm, sep.n_chains, selection_prior, seed=sep.seed,
-                              sample_rate=config.data.sample_rate, museval=sep.museval)
-    record = to_dict(config) | {"prior_sigma_per_level": used[:-1], "selection_prior_sigma": used[-1]}
-    report = SeparationReport(out_dir, config.data.sample_rate, record, sep.write_wavs, sep.n_audio_examples)
+                              sample_rate=rate, museval=sep.museval, protocol=sep.protocol,
+                              window=round(sep.window_seconds * rate), hop=round(sep.hop_seconds * rate),
+                              silence_threshold=config.data.silence_threshold, mixing=mixing)
+    report = SeparationReport(out_dir, rate, to_dict(config) | record, sep.write_wavs, sep.n_audio_examples)
     datamodule = build_datamodule(data, seed=config.seed, n_test=sep.n_test, output_root=config.output_root)
     datamodule.setup("test")  # a bad dataset root stops here, before anything is written
     results = run_test_loop(config, module, datamodule, out_dir, "separation", [report])
@@ -137,7 +207,7 @@ def separate_file(config, mix_path, out_dir, force=False):
     audio, notes = read_mono(mix_path, config.data.sample_rate, sep.min_seconds)
     for note in notes:
         log.warning("%s: %s", mix_path, note)
-    separator, selection_prior, sources, used = build_separator(config)
+    separator, selection_prior, sources, record = build_separator(config)
     length = sep.length or config.data.eval_length
     check_length(separator, length)
     device = torch.device("cuda" if torch.cuda.is_available() and config.trainer.accelerator != "cpu" else "cpu")
@@ -160,8 +230,7 @@ def separate_file(config, mix_path, out_dir, force=False):
         "input": str(mix_path), "notes": notes, "sources": sources, "sample_rate": config.data.sample_rate,
         "chunk_length": length, "n_chunks": chunks.shape[0], "n_chains": sep.n_chains,
         "chosen_chain_per_chunk": chosen_chains, "selection_loglik_per_chunk": chunk_logliks,
-        "mix_error": float(residual.double().pow(2).mean()), "prior_sigma_per_level": used[:-1],
-        "selection_prior_sigma": used[-1], "seed": sep.seed,
+        "mix_error": float(residual.double().pow(2).mean()), "seed": sep.seed, **record,
     }
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))

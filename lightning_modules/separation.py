@@ -9,23 +9,30 @@ baselines beside it, one row per (mixture, method):
   samples meet the mixture, so p(x | m) is proportional to p(x));
 * ``<algorithm>_oracle_of_C``: the chain with the best mean SI-SDR (needs the references; an upper bound).
 
+Every row has SI-SDR, SI-SDRi and (``museval``) BSSEval v4 SDR of the whole item; ``protocol="windowed"``
+adds the windowed SI-SDRi of recent generative separators (``si_sdri_windowed*``, ``windows_kept``), whose
+summary is a mean over all kept windows of all mixtures.
+
 Rows of every rank are gathered, so the result covers each test mixture once whatever the sharding;
 the sampler's noise is seeded per mixture index, so it does not depend on the sharding either.
 """
+import math
 import time
 
 import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
 
-from lightning_modules.separation_metrics import average_baseline, bss_sdr, si_sdr, si_sdr_of_mix
+from lightning_modules.separation_metrics import average_baseline, bss_sdr, si_sdr, si_sdr_of_mix, windowed_si_sdri
 
 SEED_STRIDE = 1_000_003
+PROTOCOLS = ("full", "windowed")
 
 
 class SeparationModule(pl.LightningModule):
     def __init__(self, separator, sources, algorithm="basis", n_chains=1, selection_prior=None, seed=0,
-                 sample_rate=16000, museval=True):
+                 sample_rate=16000, museval=True, protocol="full", window=None, hop=None,
+                 silence_threshold=1.5e-5, mixing=None):
         super().__init__()
         if n_chains < 1:
             raise ValueError(f"n_chains must be >= 1, got {n_chains}")
@@ -33,6 +40,12 @@ class SeparationModule(pl.LightningModule):
         self.selection_prior = selection_prior if selection_prior is not None else separator.priors[-1]
         self.sources, self.algorithm, self.n_chains = list(sources), algorithm, n_chains
         self.seed, self.sample_rate, self.museval = seed, sample_rate, museval
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"unknown separation.protocol {protocol!r}; choose from {list(PROTOCOLS)}")
+        if protocol == "windowed" and not (window and hop and window > 0 and hop > 0):
+            raise ValueError(f"the windowed protocol needs a positive window and hop, got {window} and {hop}")
+        self.protocol, self.window, self.hop, self.silence_threshold = protocol, window, hop, silence_threshold
+        self.mixing = mixing  # how the mix was resolved, for the record
         for parameter in self.parameters():
             parameter.requires_grad_(False)
         steps = separator.n_steps
@@ -69,8 +82,9 @@ class SeparationModule(pl.LightningModule):
             chosen = self.choose(loglik.mean(dim=2), chain_scores)
             rows = self.score(mix, references, indices, estimates, chosen, loglik, chain_scores)
         self.rows.extend(rows)
-        return {"index": indices, "mix": mix, "references": references,
-                "estimates": {name: estimates[torch.arange(batch_size), chain] for name, chain in chosen.items()}}
+        picked = {"average": average_baseline(mix, self.separator.alpha)}
+        picked.update({name: estimates[torch.arange(batch_size), chain] for name, chain in chosen.items()})
+        return {"index": indices, "mix": mix, "references": references, "estimates": picked}
 
     def choose(self, loglik, chain_scores):
         """Which chain each method takes, per mixture: {method: [B] chain indices}."""
@@ -97,6 +111,10 @@ class SeparationModule(pl.LightningModule):
                 self.add_scores(row, "si_sdri", scores - mix_scores[b])
                 if self.museval:
                     self.add_scores(row, "sdr", bss_sdr(estimate, references[b], self.sample_rate))
+                if self.protocol == "windowed":
+                    windowed, row["windows_kept"], row["windows"] = windowed_si_sdri(
+                        estimate, references[b], mix[b], self.window, self.hop, self.silence_threshold)
+                    self.add_scores(row, "si_sdri_windowed", windowed)
                 rows.append(row)
         return rows
 
@@ -127,21 +145,33 @@ class SeparationModule(pl.LightningModule):
         rows = sorted(rows, key=lambda row: (row["index"], order[row["method"]]))
         self.results = {
             "algorithm": self.algorithm, "sources": self.sources, "n_chains": self.n_chains,
-            "count": int(count.item()), "seconds": time.time() - self.started,
+            "count": int(count.item()), "seconds": time.time() - self.started, "mixing": self.mixing,
+            "protocol": self.protocol,
+            **({"window": self.window, "hop": self.hop} if self.protocol == "windowed" else {}),
             "nonfinite_prior_gradients": nonfinite, "summary": summarize(rows, self.method_names()),
             "rows": rows, "trace": trace,
         }
         for name, stats in self.results["summary"].items():
-            for metric in ("si_sdr", "si_sdri", "sdr"):
+            for metric in ("si_sdr", "si_sdri", "sdr", "si_sdri_windowed"):
                 if metric in stats:
                     self.log(f"separation/{name}/{metric}", stats[metric], rank_zero_only=True)
 
 
 def summarize(rows, methods):
-    """Mean of every numeric column, per method."""
+    """Mean of every metric column, per method. The windowed SI-SDRi is a mean over every kept window, so
+    a mixture counts with its number of kept windows (one with none counts for nothing)."""
     summary = {}
     for name in methods:
         selected = [row for row in rows if row["method"] == name]
-        keys = [k for k in selected[0] if k.startswith(("si_sdr", "si_sdri", "sdr", "mix_error"))] if selected else []
-        summary[name] = {"count": len(selected), **{k: sum(r[k] for r in selected) / len(selected) for k in keys}}
+        stats = {"count": len(selected)}
+        for key in selected[0] if selected else ():
+            if key.startswith("si_sdri_windowed"):
+                kept = sum(row["windows_kept"] for row in selected)
+                weighted = sum(row[key] * row["windows_kept"] for row in selected if row["windows_kept"])
+                stats[key] = weighted / kept if kept else math.nan
+            elif key in ("windows_kept", "windows"):
+                stats[key] = sum(row[key] for row in selected)
+            elif key.startswith(("si_sdr", "sdr", "mix_error")):
+                stats[key] = sum(row[key] for row in selected) / len(selected)
+        summary[name] = stats
     return summary

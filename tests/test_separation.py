@@ -1,7 +1,9 @@
-"""Separation end to end with tiny trained flow priors: the test loop, its files, DDP sharding, metrics,
-and separating a user's file."""
+"""Separation end to end with tiny trained flow priors: the test loop, its files, DDP sharding, metrics
+checked against independent computations, which prior directory serves each level, the mixing taken from
+the dataset, and separating a user's file."""
 import csv
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,14 +14,17 @@ import soundfile
 import torch
 
 from callbacks.separation_report import SeparationReport
+from datamodules.registry import build_datamodule, dataset_mixing
 from experiments.config import load_config
-from experiments.run_layout import experiment_dir
-from experiments.separate import run_separation, separate_file
+from experiments.run_layout import experiment_dir, load_prior, mark_done, prior_dir
+from experiments.separate import build_separator, run_separation, separate_file
 from experiments.train import finetune, train_noiseless
+from lightning_modules.separation import SEED_STRIDE
+from lightning_modules.separation_metrics import bss_sdr, windowed_si_sdri
 from tests.conftest import TINY
 
 REPO = Path(__file__).resolve().parents[1]
-# Three levels, a few steps each: the flow priors at 0.3 and 0.03 come from `nearest`.
+# Three levels (0.3, 0.0949, 0.03), a few steps each, the priors from `nearest` unless a test says otherwise.
 SEPARATION = [
     "separation.levels=3", "separation.sigma_max=0.3", "separation.sigma_min=0.03", "separation.steps_per_level=4",
     "separation.n_test=5", "separation.n_chains=3", "separation.batch_size=2", "separation.prior_levels=nearest",
@@ -27,15 +32,38 @@ SEPARATION = [
 ]
 
 
+def stand_in_level(config, sigma, grid, scale):
+    """A finished level without the ~40 s of a fine-tuning: the noiseless checkpoint with its weights
+    scaled by ``scale``, so that every directory holds a prior of its own that a test can recognise."""
+    checkpoint = torch.load(prior_dir(config, 0.0) / "last.ckpt", map_location="cpu", weights_only=True)
+    checkpoint["hyper_parameters"]["noise_sigma"] = sigma
+    state = checkpoint["state_dict"]
+    checkpoint["state_dict"] = {k: v * scale if v.is_floating_point() else v for k, v in state.items()}
+    directory = prior_dir(config, sigma, grid)
+    directory.mkdir(parents=True)
+    torch.save(checkpoint, directory / "last.ckpt")
+    mark_done(directory, {"noise_sigma": sigma, "stand_in": True})
+
+
 @pytest.fixture(scope="module")
 def flow_run(tmp_path_factory):
+    """Noiseless priors; make finetune-noise's layout at 0.3 (trained) and 0.03; the BASIS grid's layout at
+    0.0949 and 0.03 (trained). So `nearest` takes 0.3 from the one layout and 0.0949 from the other, and
+    0.03, finished in both, from the BASIS grid; `exact` BASIS finds no 0.3 in the BASIS grid."""
     root = tmp_path_factory.mktemp("separation") / "runs"
     overrides = TINY + SEPARATION + [f"output_root={root}"]
     config = load_config("toy_flow", "default", overrides)
     train_noiseless(config)
     finetune(config, 0.3)
-    finetune(config, 0.03)
+    finetune(config, 0.03, grid="basis")
+    stand_in_level(config, 0.03, "paper003", 1.01)
+    stand_in_level(config, 0.0949, "basis", 1.02)
     return overrides
+
+
+@pytest.fixture(scope="module")
+def main_run(flow_run):
+    return run_separation(load_config("toy_flow", "default", flow_run))
 
 
 def read_rows(out_dir):
@@ -43,24 +71,32 @@ def read_rows(out_dir):
         return list(csv.DictReader(stream))
 
 
-def test_separation_test_loop_writes_every_result(flow_run):
-    results, out_dir = run_separation(load_config("toy_flow", "default", flow_run))
+def read_wav(path):
+    return soundfile.read(path, dtype="float64")[0]
+
+
+def si_sdr_from_correlation(estimate, reference):
+    """Zero-mean SI-SDR in closed form: with rho the correlation of the two, 10 log10(rho^2 / (1 - rho^2))."""
+    rho = np.corrcoef(estimate, reference)[0, 1]
+    return 10 * np.log10(rho**2 / (1 - rho**2))
+
+
+def test_separation_test_loop_writes_every_result(flow_run, main_run):
+    results, out_dir = main_run
     methods = ["average", "basis", "basis_likelihood_of_3", "basis_oracle_of_3"]
     assert list(results["summary"]) == methods
     rows = read_rows(out_dir)
     assert [(int(r["index"]), r["method"]) for r in rows] == [(i, m) for i in range(5) for m in methods]
+    assert "si_sdri_windowed" not in rows[0]  # the full protocol unless asked
     summary = json.loads((out_dir / "summary.json").read_text())
     assert summary["trace"]["level_sigmas"] == [0.3, 0.0949, 0.03]
-    assert summary["config"]["prior_sigma_per_level"] == [0.3, 0.3, 0.03]  # nearest in log-sigma
     assert len(summary["trace"]["loglik"]) == 12
-    # Scale-invariant metrics of the Average baseline are those of the mix itself: improvement 0.
-    assert abs(summary["summary"]["average"]["si_sdri"]) < 1e-6
-    # The oracle picks the best chain, so it is never below one sample or the likelihood choice.
-    best = summary["summary"]["basis_oracle_of_3"]["si_sdr"]
-    assert best >= summary["summary"]["basis"]["si_sdr"] - 1e-9
-    assert best >= summary["summary"]["basis_likelihood_of_3"]["si_sdr"] - 1e-9
+    # The toy data's mix is the mean of its sources, and the loop says so.
+    assert summary["mixing"] == summary["config"]["mixing"] == {"kind": "mean", "alpha": [0.25] * 4,
+                                                                 "from": "data.name=toy"}
+    assert "Mixing: mean" in (out_dir / "summary.md").read_text()
     for name in ("summary.md", "trace.png", "config.yaml", "wav/00004/mix.wav", "wav/00000/reference_saw.wav",
-                 "wav/00003/basis_likelihood_of_3_triangle.wav"):
+                 "wav/00003/basis_likelihood_of_3_triangle.wav", "wav/00001/average_sine.wav"):
         assert (out_dir / name).is_file(), name
     audio, rate = soundfile.read(out_dir / "wav/00002/basis_sine.wav")
     assert rate == 16000 and audio.shape == (256,)
@@ -79,26 +115,113 @@ def test_separation_test_loop_writes_every_result(flow_run):
     assert len(logged["separation/rows"].data) == 20
 
 
-def test_reported_metrics_equal_museval_and_torchmetrics_on_the_written_audio(flow_run):
-    import museval
-    from torchmetrics.functional.audio import scale_invariant_signal_distortion_ratio
+def test_nearest_levels_come_from_either_layout_and_are_recorded_with_their_directories(flow_run, main_run):
+    config = load_config("toy_flow", "default", flow_run)
+    recorded = json.loads((main_run[1] / "summary.json").read_text())["config"]
+    assert recorded["prior_sigma_per_level"] == [0.3, 0.0949, 0.03]
+    # 0.03 is finished in both layouts: BASIS takes its own grid's.
+    assert recorded["prior_dir_per_level"] == [str(prior_dir(config, 0.3)), str(prior_dir(config, 0.0949, "basis")),
+                                               str(prior_dir(config, 0.03, "basis"))]
+    assert recorded["prior_grid_per_level"] == ["paper003", "basis", "basis"]
+    assert recorded["selection_prior_dir"] == str(prior_dir(config, 0.03, "basis"))
 
-    config = load_config("toy_flow", "default", flow_run + ["separation.n_test=2", "separation.sources=[sine,saw]"])
-    _, out_dir = run_separation(config)
-    row = next(r for r in read_rows(out_dir) if r["index"] == "1" and r["method"] == "basis_likelihood_of_3")
-    wav = out_dir / "wav" / "00001"
-    estimates = np.stack([soundfile.read(wav / f"basis_likelihood_of_3_{s}.wav")[0] for s in ("sine", "saw")])
-    references = np.stack([soundfile.read(wav / f"reference_{s}.wav")[0] for s in ("sine", "saw")])
-    mix = soundfile.read(wav / "mix.wav")[0]
-    si_sdr = scale_invariant_signal_distortion_ratio(torch.from_numpy(estimates), torch.from_numpy(references),
-                                                     zero_mean=True)
-    mix_si_sdr = scale_invariant_signal_distortion_ratio(torch.from_numpy(mix).expand(2, -1),
-                                                         torch.from_numpy(references), zero_mean=True)
-    sdr, _, _, _ = museval.evaluate(references[..., None], estimates[..., None], win=256, hop=256)
-    for k, source in enumerate(("sine", "saw")):
-        assert float(row[f"si_sdr_{source}"]) == pytest.approx(float(si_sdr[k]), abs=1e-3)
-        assert float(row[f"si_sdri_{source}"]) == pytest.approx(float(si_sdr[k] - mix_si_sdr[k]), abs=1e-3)
-        assert float(row[f"sdr_{source}"]) == pytest.approx(float(np.nanmedian(sdr[k])), abs=1e-3)
+
+def chains_of(config, out_dir, index):
+    """Every chain of mixture ``index`` again (the sampler is seeded per mixture, whatever the batching),
+    with the mixture and references read back from the written WAVs."""
+    wav = out_dir / "wav" / f"{index:05d}"
+    sources = list(config.data.sources)
+    mix = torch.from_numpy(read_wav(wav / "mix.wav")).float()
+    references = np.stack([read_wav(wav / f"reference_{s}.wav") for s in sources])
+    separator = build_separator(config)[0]
+    samples, _ = separator(mix.unsqueeze(0), config.separation.n_chains, [config.separation.seed * SEED_STRIDE + index])
+    return samples[0].detach(), references, wav
+
+
+def test_oracle_and_likelihood_choices_equal_an_independent_recomputation(flow_run, main_run):
+    config = load_config("toy_flow", "default", flow_run)
+    rows = read_rows(main_run[1])
+    # The selection prior, loaded here from where the lowest level's prior must be: the BASIS grid's 0.03.
+    selection = load_prior(prior_dir(config, 0.03, "basis")).prior
+    for index in range(5):
+        samples, references, wav = chains_of(config, main_run[1], index)
+        chosen = {r["method"]: r for r in rows if int(r["index"]) == index}
+        oracle = chosen["basis_oracle_of_3"]
+        # The rerun chains are the loop's: its written oracle estimate is one of them.
+        written = np.stack([read_wav(wav / f"basis_oracle_of_3_{s}.wav") for s in config.data.sources])
+        np.testing.assert_allclose(written, samples[int(oracle["chain"])].double().numpy(), atol=1e-4)
+        scores = np.array([[si_sdr_from_correlation(chain[k].double().numpy(), references[k]) for k in range(4)]
+                           for chain in samples])  # [C, N]
+        means = scores.mean(axis=1)
+        assert np.ptp(means) > 0.01  # the chains differ, so the choice means something
+        # The chosen chain is the best one (up to float noise between two equally good ones).
+        assert means[int(oracle["chain"])] >= means.max() - 1e-4
+        assert float(oracle["si_sdr"]) == pytest.approx(means.max(), abs=1e-3)
+        with torch.no_grad():
+            loglik = selection.log_prob(samples).mean(dim=1)  # [C]: nats per sample, averaged over sources
+        assert loglik[int(chosen["basis_likelihood_of_3"]["chain"])] >= loglik.max() - 1e-5, loglik
+        assert int(chosen["basis"]["chain"]) == 0
+
+
+def test_average_baseline_value_scale_and_museval_sdr(flow_run):
+    """Two sources, explicit weights alpha = (0.25, 1): Average = m (1/N) / alpha_k = (2 m, m / 2)."""
+    config = load_config("toy_flow", "default", flow_run + [
+        "separation.n_test=2", "separation.sources=[sine,saw]", "separation.mixing_weights=[0.25,1.0]"])
+    results, out_dir = run_separation(config)
+    assert results["mixing"] == {"kind": "weights", "alpha": [0.25, 1.0], "from": "separation.mixing_weights"}
+    rows = read_rows(out_dir)
+    for index in range(2):
+        wav = out_dir / "wav" / f"{index:05d}"
+        mix = read_wav(wav / "mix.wav")
+        average = {s: read_wav(wav / f"average_{s}.wav") for s in ("sine", "saw")}
+        np.testing.assert_allclose(average["sine"], 2 * mix, atol=1e-6)
+        np.testing.assert_allclose(average["saw"], mix / 2, atol=1e-6)
+        row = {r["method"]: r for r in rows if int(r["index"]) == index}
+        for source in ("sine", "saw"):
+            reference = read_wav(wav / f"reference_{source}.wav")
+            of_mix = si_sdr_from_correlation(mix, reference)
+            assert float(row["average"][f"si_sdr_{source}"]) == pytest.approx(of_mix, abs=1e-3)
+            # Every improvement is over the mix's own SI-SDR.
+            sample = read_wav(wav / f"basis_{source}.wav")
+            assert float(row["basis"][f"si_sdri_{source}"]) == pytest.approx(
+                si_sdr_from_correlation(sample, reference) - of_mix, abs=1e-3)
+        # SDR (BSSEval v4) is not scale invariant: the Average's depends on the scale convention.
+        references = torch.from_numpy(np.stack([read_wav(wav / f"reference_{s}.wav") for s in ("sine", "saw")]))
+        estimate = torch.from_numpy(np.stack([average["sine"], average["saw"]]))
+        reported = torch.tensor([float(row["average"][f"sdr_{s}"]) for s in ("sine", "saw")], dtype=torch.float64)
+        assert torch.allclose(reported, bss_sdr(estimate, references, 16000), atol=1e-3)
+        assert ((bss_sdr(4 * estimate, references, 16000) - reported).abs() > 1.0).all()
+
+
+def test_windowed_protocol_adds_columns_and_leaves_the_others_alone(flow_run, main_run):
+    # 64-sample windows, hop 32, in 256-sample items: 7 windows each.
+    config = load_config("toy_flow", "default", flow_run + [
+        "separation.n_test=2", "separation.protocol=windowed", "separation.name=windowed",
+        f"separation.window_seconds={64 / 16000}", f"separation.hop_seconds={32 / 16000}"])
+    results, out_dir = run_separation(config)
+    rows, full = read_rows(out_dir), read_rows(main_run[1])[:8]
+    for row, before in zip(rows, full, strict=True):
+        assert (row["index"], row["method"], row["chain"]) == (before["index"], before["method"], before["chain"])
+        for key in before:
+            if key.startswith(("si_sdr", "sdr")):
+                assert float(row[key]) == pytest.approx(float(before[key]), abs=1e-4), key
+        wav = out_dir / "wav" / f"{int(row['index']):05d}"
+        tracks = {name: torch.from_numpy(np.stack([read_wav(wav / f"{name}_{s}.wav") for s in config.data.sources]))
+                  for name in ("reference", row["method"])}
+        references, estimates = tracks["reference"], tracks[row["method"]]
+        mix = torch.from_numpy(read_wav(wav / "mix.wav"))
+        expected, kept, total = windowed_si_sdri(estimates, references, mix, 64, 32)
+        assert (int(row["windows_kept"]), int(row["windows"])) == (kept, total) and total == 7
+        for k, source in enumerate(config.data.sources):
+            assert float(row[f"si_sdri_windowed_{source}"]) == pytest.approx(float(expected[k]), abs=1e-3)
+    # The summary is a mean over every kept window of every mixture.
+    for method, stats in results["summary"].items():
+        mine = [r for r in rows if r["method"] == method]
+        weights = np.array([int(r["windows_kept"]) for r in mine])
+        values = np.array([float(r["si_sdri_windowed"]) for r in mine])
+        assert stats["si_sdri_windowed"] == pytest.approx((weights * values).sum() / weights.sum(), abs=1e-6)
+        assert stats["windows_kept"] == weights.sum()
+    assert "SI-SDRi windowed" in (out_dir / "summary.md").read_text()
 
 
 def cli(*args):
@@ -108,8 +231,8 @@ def cli(*args):
 
 def test_ddp_sharded_separation_covers_each_mixture_once_and_equals_single_process(flow_run):
     config = load_config("toy_flow", "default", flow_run)
-    out_dir = experiment_dir(config) / "separation" / "basis_sine-square-saw-triangle"
-    args = ["separate", *flow_run, "separation.museval=false", "separation.batch_size=1"]
+    out_dir = experiment_dir(config) / "separation" / "ddp"
+    args = ["separate", *flow_run, "separation.museval=false", "separation.batch_size=1", "separation.name=ddp"]
     single = cli(*args)
     assert single.returncode == 0, single.stderr[-2000:]
     single_rows = read_rows(out_dir)
@@ -202,15 +325,115 @@ def test_a_mulaw_wavenet_is_refused_for_langevin(tmp_path, capsys):
     assert not (tmp_path / "toy_wavenet" / "default" / "separation").exists()
 
 
-def test_a_smoothed_wavenet_separates_through_the_same_loop(tmp_path):
-    from tests.conftest import TINY_WAVENET
+@pytest.fixture(scope="module")
+def exact_run(flow_run, tmp_path_factory):
+    """flow_run's priors copied, plus a BASIS-grid prior at 0.3: every level of the BASIS grid is finished."""
+    config = load_config("toy_flow", "default", flow_run)
+    root = tmp_path_factory.mktemp("exact") / "runs"
+    shutil.copytree(config.output_root, root, ignore=shutil.ignore_patterns("separation"))
+    overrides = flow_run + [f"output_root={root}", "separation.prior_levels=exact"]
+    stand_in_level(load_config("toy_flow", "default", overrides), 0.3, "basis", 1.03)
+    return overrides
 
-    overrides = TINY_WAVENET + SEPARATION + [
-        f"output_root={tmp_path}", "model.likelihood=smoothed", "trainer.max_steps=4", "trainer.val_check_interval=2",
-        "separation.n_test=2", "separation.steps_per_level=2", "separation.museval=false"]
-    config = load_config("toy_wavenet", "default", overrides)
-    train_noiseless(config)
-    results, out_dir = run_separation(config)
-    assert results["count"] == 2 and results["summary"]["basis"]["count"] == 2
-    assert all(np.isfinite(r["si_sdr"]) for r in results["rows"])
-    assert results["nonfinite_prior_gradients"] == 0
+
+def state_of(directory):
+    state = torch.load(Path(directory) / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
+    return {k.removeprefix("prior."): v for k, v in state.items()}
+
+
+def test_exact_levels_use_the_priors_fine_tuned_at_exactly_those_sigmas_in_the_basis_grid(exact_run):
+    config = load_config("toy_flow", "default", exact_run)
+    separator, selection, _, record = build_separator(config)
+    sigmas = [0.3, 0.0949, 0.03]
+    directories = [prior_dir(config, s, "basis") for s in sigmas]
+    assert record["prior_sigma_per_level"] == sigmas and [lv.sigma for lv in separator.levels] == sigmas
+    assert record["prior_dir_per_level"] == [str(d) for d in directories]
+    assert record["selection_prior_dir"] == str(directories[-1])
+    states = [state_of(d) for d in directories]
+    # The directories hold different priors (so the check below can tell them apart), none of them the
+    # prior that make finetune-noise wrote at 0.3.
+    paper003 = state_of(prior_dir(config, 0.3))
+    for a in range(3):
+        assert any(not torch.equal(states[a][k], paper003[k]) for k in paper003)
+        for b in range(a):
+            assert any(not torch.equal(states[a][k], states[b][k]) for k in states[a])
+    for level, state in zip(separator.priors, states):
+        loaded = level.prior.state_dict()
+        assert loaded.keys() == state.keys() and all(torch.equal(loaded[k], state[k]) for k in state)
+    assert selection is separator.priors[-1]
+
+
+def test_a_missing_basis_level_is_a_clear_error_even_when_make_finetune_noise_has_it(flow_run):
+    config = load_config("toy_flow", "default", [*flow_run, "separation.prior_levels=exact"])
+    with pytest.raises(FileNotFoundError) as error:
+        build_separator(config)
+    message = str(error.value)
+    assert "sigma [0.3] in the BASIS grid" in message and "make finetune-noise-all GRID=basis" in message
+    assert "separation.levels" in message  # these levels are not the default grid's: say so
+
+
+def test_sgld_takes_its_level_from_make_finetune_noise_else_the_basis_grid(flow_run):
+    def record(sigma):
+        config = load_config("toy_flow", "default", [*flow_run, "separation.algorithm=sgld",
+                                                     "separation.prior_levels=exact",
+                                                     f"separation.sgld_prior_sigma={sigma}"])
+        return config, build_separator(config)[3]
+
+    config, used = record(0.03)  # finished in both layouts
+    assert used["prior_dir_per_level"] == [str(prior_dir(config, 0.03))] == [used["selection_prior_dir"]]
+    config, used = record(0.0949)  # the BASIS grid only
+    assert used["prior_dir_per_level"] == [str(prior_dir(config, 0.0949, "basis"))]
+    with pytest.raises(FileNotFoundError, match="make finetune-noise SIGMA=0.5"):
+        record(0.5)
+
+
+@pytest.mark.parametrize("overrides, kind, alpha, origin", [
+    ([], "mean", [0.25] * 4, "data.name=toy"),
+    (["data.name=musdb18"], "sum", [1.0] * 4, "data.name=musdb18"),
+    (["data.name=slakh2100"], "sum", [1.0] * 4, "data.name=slakh2100"),
+    (["data.name=musdb18", "separation.mixing=mean"], "mean", [0.25] * 4, "separation.mixing"),
+    (["separation.mixing=sum"], "sum", [1.0] * 4, "separation.mixing"),
+    (["separation.mixing_weights=[1,2,3,4]"], "weights", [1.0, 2.0, 3.0, 4.0], "separation.mixing_weights"),
+])
+def test_the_mixing_is_the_datasets_unless_overridden(flow_run, overrides, kind, alpha, origin):
+    separator, _, _, record = build_separator(load_config("toy_flow", "default", flow_run + overrides))
+    assert record["mixing"] == {"kind": kind, "alpha": alpha, "from": origin}
+    assert separator.alpha.tolist() == alpha
+
+
+def test_each_datasets_mix_is_made_as_its_mixing_says(tmp_path):
+    from datamodules.synthetic_layouts import write_musdb_hq, write_slakh
+
+    disk = {"cache_dir": str(tmp_path / "cache"), "eval_length": 2048, "crop_length": 1024, "n_test": 3,
+            "batch_size": 2}
+    configs = {
+        "toy": {"name": "toy", "eval_length": 256, "crop_length": 256, "n_test": 3, "n_train": 4, "batch_size": 2},
+        "musdb18": {"name": "musdb18", "root": str(write_musdb_hq(tmp_path / "musdb", n_train=2, n_test=1,
+                                                                  seconds=1.0)),
+                    "sources": ["drums", "bass", "other", "vocals"], **disk},
+        "slakh2100": {"name": "slakh2100", "sample_rate": 22050,
+                      "root": str(write_slakh(tmp_path / "slakh", {split: [["Drums", "Bass", "Guitar"]] for split in
+                                                                   ("train", "validation", "test")}, seconds=1.0)),
+                      "sources": ["drums", "bass", "guitar"], **disk},
+    }
+    for name, options in configs.items():
+        data = load_config("toy_flow", "default", [f"data.{k}={v}" for k, v in options.items()]).data
+        datamodule = build_datamodule(data)
+        datamodule.setup("fit")
+        datamodule.setup("test")
+        combine = {"mean": torch.mean, "sum": torch.sum}[dataset_mixing(name)]
+        for batch in (next(iter(datamodule.train_dataloader())), next(iter(datamodule.test_dataloader()))):
+            assert torch.allclose(batch["mix"], combine(batch["sources"], dim=1), atol=1e-6), name
+    assert (dataset_mixing("musdb18"), dataset_mixing("slakh2100"), dataset_mixing("toy")) == ("sum", "sum", "mean")
+
+
+def test_separate_file_takes_the_datasets_mixing_and_records_it(flow_run, tmp_path):
+    mix = tmp_path / "song.wav"
+    write_mix(mix, rate=16000)
+    config = load_config("toy_flow", "default", flow_run + ["separation.n_chains=1", "data.name=musdb18"])
+    out_dir, info = separate_file(config, mix, tmp_path / "out")
+    expected = {"kind": "sum", "alpha": [1.0] * 4, "from": "data.name=musdb18"}
+    assert info["mixing"] == expected
+    written = json.loads((out_dir / "separation.json").read_text())
+    assert written["mixing"] == expected
+    assert written["prior_dir_per_level"][0] == str(prior_dir(config, 0.3))
