@@ -23,7 +23,7 @@ from experiments.run_layout import basis_sigmas, canonical_sigma, experiment_dir
 from experiments.trainer_factory import run_test_loop
 from lightning_modules.langevin import LangevinSeparator, basis_levels, mixing_weights, sgld_levels
 from lightning_modules.nn.source_subset import SourceSubset
-from lightning_modules.separation import PROTOCOLS, SEED_STRIDE, SeparationModule
+from lightning_modules.separation import SEED_STRIDE, SeparationModule
 
 log = logging.getLogger(__name__)
 ALGORITHMS = ("basis", "sgld")
@@ -173,8 +173,6 @@ def output_name(config, sources):
 def run_separation(config):
     """Separate the first ``separation.n_test`` test mixtures of the run's dataset; returns (results, out_dir)."""
     sep = config.separation
-    if sep.protocol not in PROTOCOLS:
-        raise ConfigError(f"unknown separation.protocol {sep.protocol!r}; choose from {list(PROTOCOLS)}")
     separator, selection_prior, sources, record = build_separator(config)
     length = sep.length or config.data.eval_length
     check_length(separator, length)

@@ -169,14 +169,10 @@ def test_ddp_non_finite_loss_skips_on_every_rank_with_per_rank_noise(tmp_path):
     assert ranks[0]["noise"] != pytest.approx(ranks[1]["noise"], abs=1e-3)  # each rank draws its own noise
 
 
-class FakeTrainer(SimpleNamespace):
-    pass
-
-
 def test_early_stopping_keeps_each_priors_best_and_waits_for_all():
     module = PriorModule(MODEL, ["sine", "saw"])
     stopper = PerPriorEarlyStopping(["sine", "saw"], patience=2)
-    trainer = FakeTrainer(sanity_checking=False, should_stop=False, global_step=0, callback_metrics={},
+    trainer = SimpleNamespace(sanity_checking=False, should_stop=False, global_step=0, callback_metrics={},
                           strategy=SimpleNamespace(reduce_boolean_decision=lambda decision, all=False: decision))
     # Prior "sine" peaks at check 1, prior "saw" at check 3; weights differ at every check.
     values = [(0.0, 0.0), (1.0, 0.1), (0.5, 0.2), (0.4, 0.3), (0.3, 0.25), (0.2, 0.2)]
