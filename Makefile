@@ -1,7 +1,7 @@
 # Unsupervised source separation with deep generative priors: every command a researcher runs.
 # Variables: PRESET (default | paper, comma-separated extras: ddp, bf16, fp16, debug),
-# MODEL (flow | wavenet: EXPERIMENT=toy_$(MODEL)) or EXPERIMENT (toy_flow, toy_wavenet, musdb_flow,
-# musdb_wavenet, slakh_flow; e.g. make cross-likelihood EXPERIMENT=musdb_flow),
+# MODEL (flow | wavenet | score: EXPERIMENT=toy_$(MODEL)) or EXPERIMENT (toy_flow, toy_wavenet, toy_score,
+# musdb_flow, musdb_wavenet, musdb_score, slakh_flow, slakh_score; e.g. make cross-likelihood EXPERIMENT=musdb_flow),
 # SIGMA, GRID (paper003 | basis), RUNS (output root), ARGS (any config override, key=value ...),
 # SOURCES (comma-separated subset to separate), MIX / OUT / FORCE (separating a file).
 SHELL := /bin/bash
@@ -26,7 +26,7 @@ CLI = $(PY) -m experiments.cli
 COMMON = experiment=$(EXPERIMENT) preset=$(PRESET) output_root=$(RUNS)
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-slow train-toy-flow train-toy-wavenet train-musdb-flow train-musdb-wavenet train-slakh-flow compare-toy compare-musdb train finetune-noise finetune-noise-all cross-likelihood separate-toy separate bench show-config
+.PHONY: help install test test-slow train-toy-flow train-toy-wavenet train-toy-score train-musdb-score train-slakh-score train-musdb-flow train-musdb-wavenet train-slakh-flow compare-toy compare-musdb train finetune-noise finetune-noise-all cross-likelihood separate-toy separate bench show-config
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-20s %s\n", $$1, $$2}'
@@ -53,6 +53,15 @@ train-toy-flow: ## Train the four toy FloWaveNet priors (resumes if interrupted)
 
 train-toy-wavenet: ## Train the four toy WaveNet priors (resumes if interrupted)
 	$(CLI) train experiment=toy_wavenet preset=$(PRESET) output_root=$(RUNS) $(ARGS)
+
+train-toy-score: ## Train the four toy score priors (EDM denoisers, denoising score matching; resumes)
+	$(CLI) train experiment=toy_score preset=$(PRESET) output_root=$(RUNS) $(ARGS)
+
+train-musdb-score: ## Train score priors on musdb18 stems (needs MUSDB_ROOT; default: 4 songs per split)
+	$(CLI) train experiment=musdb_score preset=$(PRESET) output_root=$(RUNS) $(ARGS)
+
+train-slakh-score: ## Train score priors on Slakh2100 drums/bass/guitar/piano (needs SLAKH_ROOT)
+	$(CLI) train experiment=slakh_score preset=$(PRESET) output_root=$(RUNS) $(ARGS)
 
 train-musdb-flow: ## Train FloWaveNet priors on musdb18 stems (needs MUSDB_ROOT; default: 4 songs per split)
 	$(CLI) train experiment=musdb_flow preset=$(PRESET) output_root=$(RUNS) $(ARGS)

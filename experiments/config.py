@@ -41,7 +41,8 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     """The union of every prior family's options; unset (None) ones take the family's defaults
-    (FlowConfig in lightning_modules/nn/flowavenet.py, WaveNetConfig in lightning_modules/nn/wavenet.py)."""
+    (FlowConfig in lightning_modules/nn/flowavenet.py, WaveNetConfig in lightning_modules/nn/wavenet.py,
+    ScoreConfig in lightning_modules/nn/score_prior.py)."""
     name: str = "flowavenet"
     n_blocks: Optional[int] = None
     n_flows: Optional[int] = None
@@ -51,6 +52,18 @@ class ModelConfig:
     n_classes: Optional[int] = None
     likelihood: Optional[str] = None
     smoothing_sigma: Optional[float] = None
+    # score (ScoreConfig in lightning_modules/nn/score_prior.py):
+    squeeze: Optional[int] = None
+    dilation_cycle: Optional[int] = None
+    embed_dim: Optional[int] = None
+    sigma_min: Optional[float] = None
+    sigma_max: Optional[float] = None
+    sigma_sampling: Optional[str] = None
+    p_mean: Optional[float] = None
+    p_std: Optional[float] = None
+    ode_divergence: Optional[str] = None
+    ode_tolerance: Optional[float] = None
+    ode_probes: Optional[int] = None
 
 
 @dataclass
@@ -104,7 +117,7 @@ class CrossLikelihoodConfig:
 
 @dataclass
 class SeparationConfig:
-    algorithm: str = "basis"  # basis (paper 004 Alg. 1) | sgld (paper 003 App. 5.1)
+    algorithm: str = "basis"  # basis (paper 004 Alg. 1) | sgld (paper 003 App. 5.1) | diffusion (ISDM, EDM sampler)
     name: Optional[str] = None  # output folder under separation/; None = <algorithm>_<sources>
     sources: Optional[List[str]] = None  # the sources to separate, a subset of data.sources; None = all
     n_test: Optional[int] = 16  # the first n test mixtures (a fixed subset); None = the whole test set
@@ -128,7 +141,20 @@ class SeparationConfig:
     sgld_eta: float = 2e-5
     sgld_gamma: float = 0.01
     sgld_prior_sigma: float = 0.01  # the prior SGLD uses (0 = noiseless)
-    selection_sigma: Optional[float] = None  # prior that ranks the chains; None = the last level's
+    selection_sigma: Optional[float] = None  # prior ranking the chains; None = the last level's (diffusion: smallest)
+    # diffusion (lightning_modules/diffusion.py); a likelihood family serves each sigma with its nearest finished level
+    diffusion_steps: int = 50  # noise levels of the Karras schedule, sigma_max -> sigma_min (then a last step to 0)
+    diffusion_sigma_max: float = 5.0  # the first level; chains start as N(0, sigma_max^2)
+    diffusion_sigma_min: float = 1e-3  # the last positive level
+    diffusion_rho: float = 7.0  # Karras schedule curvature (EDM eq. 5)
+    diffusion_solver: str = "heun"  # heun (2nd order) | euler
+    diffusion_churn: float = 0.0  # EDM S_churn: fresh noise added before each step (0 = deterministic ODE)
+    diffusion_constraint: str = "dirac"  # dirac: g(x) = m exactly | gaussian: m ~ N(g(x), gamma^2)
+    diffusion_gamma_scale: float = 1.0  # gaussian constraint: gamma = gamma_scale * sigma
+    diffusion_corrections: int = 0  # ISDM correction steps per level (re-noise and redo)
+    diffusion_init: str = "noise"  # noise | mixture (start from the Average baseline plus noise)
+    diffusion_langevin_steps: int = 0  # Langevin steps at sigma_min before the last step to 0
+    diffusion_langevin_eta: float = 0.1  # their step size, in units of sigma_min^2
     init_range: float = 1.0  # chains start uniform in [-init_range, init_range]
     seed: int = 0
     museval: bool = True

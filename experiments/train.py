@@ -19,6 +19,7 @@ from experiments.run_layout import (
 )
 from experiments.trainer_factory import build_trainer
 from lightning_modules.prior_module import PriorModule
+from lightning_modules.prior_registry import is_noise_conditional
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,11 @@ def finetune(config, sigma, init_dir=None, grid="paper003"):
 
 
 def finetune_grid(config):
-    """paper003: each level from the noiseless prior; basis: serially, each from its smaller neighbour."""
+    """paper003: each level from the noiseless prior; basis: serially, each from its smaller neighbour.
+    A noise-conditional family (score priors) has nothing to fine-tune: its one network serves every level."""
+    if is_noise_conditional(to_dict(config.model)):
+        log.info("%s: noise-conditional priors need no noise fine-tuning; nothing to do", config.experiment)
+        return []
     if config.finetune.grid == "paper003":
         return [finetune(config, sigma) for sigma in PAPER003_SIGMAS]
     if config.finetune.grid == "basis":

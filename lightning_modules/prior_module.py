@@ -1,4 +1,5 @@
-"""Thin Lightning wrapper that trains a prior family by maximum likelihood, optionally on noisy data.
+"""Thin Lightning wrapper that trains a prior family by maximum likelihood, optionally on noisy data, or by
+the family's own objective (``training_loss``: denoising score matching for the score priors).
 
 It keeps the prior contract for the rest of the framework: ``log_prob(x: [B, N, T]) -> [B, N]`` (full
 log-likelihood in nats per audio sample) and ``noise_sigma`` (the sigma of the Gaussian noise the
@@ -60,8 +61,15 @@ class PriorModule(pl.LightningModule):
         bad = [name for name, p in self.prior.named_parameters() if p.shape[0] % n]
         if bad:
             raise ValueError(f"parameters {bad} are not grouped by prior (first dimension not a multiple of {n})")
+        if noise_sigma > 0 and getattr(self.prior, "noise_conditional", False):
+            raise ValueError(
+                f"model {model.get('name')!r} is noise-conditional (one network for every sigma): it needs no "
+                f"noise fine-tuning; train it once (make train) and its score and likelihood serve every level"
+            )
         self.skipped_per_prior = [0] * n
         self.loss_skip = None  # [N] bool: priors whose loss was non-finite on some rank in this step
+        # What training minimises, as logged: "loglik" (maximised; its negative is the loss) or a loss name.
+        self.metric = getattr(self.prior, "training_metric", "loglik")
 
     @property
     def noise_sigma(self) -> float:
@@ -93,23 +101,51 @@ class PriorModule(pl.LightningModule):
             flags = self.trainer.strategy.reduce(flags.float(), reduce_op="sum") > 0
         return flags
 
+    def objective(self, x, generator):
+        """Loss per example and prior [B, N]: the family's own training loss (denoising score matching for
+        score priors), else the negative log-likelihood of x + N(0, noise_sigma^2)."""
+        training_loss = getattr(self.prior, "training_loss", None)
+        if training_loss is not None:
+            return training_loss(x, generator)
+        return -self.log_prob(self.add_noise(x, generator))
+
+    def as_metric(self, loss):
+        return -loss if self.metric == "loglik" else loss
+
+    def on_train_start(self):
+        """Families that scale by the data's statistics (score priors: sigma_data) measure them from the
+        training data before the first step; a resumed run keeps what it measured."""
+        set_sigma_data = getattr(self.prior, "set_sigma_data", None)
+        if set_sigma_data is None or bool(self.prior.sigma_data_measured):
+            return
+        sums = torch.zeros(2, len(self.sources), dtype=torch.float64, device=self.device)
+        for i, batch in enumerate(self.trainer.datamodule.train_dataloader()):
+            if i == 8:
+                break
+            x = batch["sources"].to(self.device, torch.float64)  # [B, N, T]
+            sums += torch.stack([x.pow(2).sum(dim=(0, 2)), torch.full_like(sums[0], x.shape[0] * x.shape[2])])
+        if self.trainer.world_size > 1:
+            sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
+        sigma_data = (sums[0] / sums[1]).sqrt()  # RMS about zero: the denoiser's D = c_skip x assumes zero mean
+        set_sigma_data(sigma_data)
+        log.info("sigma_data measured from the training data: %s",
+                 dict(zip(self.sources, [round(v, 4) for v in sigma_data.tolist()])))
+
     def training_step(self, batch, batch_idx):
-        x = self.add_noise(batch["sources"], self.training_generator(batch_idx))
-        log_prob = self.log_prob(x)  # [B, N]
-        # Sum over priors of each prior's mean NLL: each prior gets the gradient it would get alone.
-        per_prior_loss = -log_prob.float().mean(dim=0)
+        # Sum over priors of each prior's mean loss: each prior gets the gradient it would get alone.
+        per_prior_loss = self.objective(batch["sources"], self.training_generator(batch_idx)).float().mean(dim=0)
         skip = self.any_rank(~torch.isfinite(per_prior_loss))
         self.loss_skip = skip if self.loss_skip is None else self.loss_skip | skip
         # A skipped prior contributes a zero that stays connected to the graph: returning None instead
         # would make Lightning raise under DDP. Its gradients are zeroed in on_before_optimizer_step.
         loss = torch.where(skip, torch.zeros_like(per_prior_loss), per_prior_loss).sum()
         kept = (~skip).float()
-        per_source = -per_prior_loss.detach().nan_to_num(0.0) * kept
+        per_source = self.as_metric(per_prior_loss.detach().nan_to_num(0.0)) * kept
         if bool(kept.any()):
-            self.log("train/loglik", per_source.sum() / kept.sum(), prog_bar=True)
+            self.log(f"train/{self.metric}", per_source.sum() / kept.sum(), prog_bar=True)
         for k, name in enumerate(self.sources):
             if not skip[k]:
-                self.log(f"train/loglik_{name}", per_source[k])
+                self.log(f"train/{self.metric}_{name}", per_source[k])
         return loss
 
     def on_before_optimizer_step(self, optimizer):
@@ -156,11 +192,11 @@ class PriorModule(pl.LightningModule):
     def validation_step(self, batch, batch_idx):
         # Fixed noise per batch so the early-stopping signal does not jitter between checks.
         generator = torch.Generator(device=batch["sources"].device).manual_seed(batch_idx)
-        per_source = self.log_prob(self.add_noise(batch["sources"], generator)).float().mean(dim=0)
+        per_source = self.as_metric(self.objective(batch["sources"], generator).float().mean(dim=0))
         batch_size = batch["sources"].shape[0]
-        self.log("val/loglik", per_source.mean(), sync_dist=True, batch_size=batch_size, prog_bar=True)
+        self.log(f"val/{self.metric}", per_source.mean(), sync_dist=True, batch_size=batch_size, prog_bar=True)
         for name, value in zip(self.sources, per_source):
-            self.log(f"val/loglik_{name}", value, sync_dist=True, batch_size=batch_size)
+            self.log(f"val/{self.metric}_{name}", value, sync_dist=True, batch_size=batch_size)
 
     def configure_optimizers(self):
         optimizer = torch.optim.Adam(self.parameters(), lr=self.hparams.lr)

@@ -24,6 +24,10 @@ TINY_WAVENET = [o for o in TINY if not o.startswith("model.")] + [
     "model.name=wavenet", "model.n_blocks=1", "model.n_layers=4", "model.width=8", "model.n_classes=32",
 ]
 
+TINY_SCORE = [o for o in TINY if not o.startswith("model.")] + [
+    "model.name=score", "model.n_layers=3", "model.width=8", "model.embed_dim=16", "model.squeeze=4",
+]
+
 
 @pytest.fixture
 def tiny_overrides(tmp_path):

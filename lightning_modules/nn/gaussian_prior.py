@@ -1,6 +1,7 @@
 """An analytic prior: every audio sample of source k is N(mean_k, std_k^2), independently.
 
-It keeps the prior contract (``log_prob(x: [B, N, T]) -> [B, N]`` in nats per sample, ``noise_sigma``)
+It keeps the prior contract (``log_prob(x: [B, N, T]) -> [B, N]`` in nats per sample, ``noise_sigma``,
+``score(x, sigma)``, ``denoise(x, sigma)``)
 and its noisy version is exact: x + N(0, sigma^2) is N(mean_k, std_k^2 + sigma^2). The posterior of a
 linear mixture under it is Gaussian in closed form (``posterior``), which is what the Langevin tests
 check the samplers against.
@@ -22,6 +23,21 @@ class GaussianPrior(nn.Module):
         self.noise_sigma = float(noise_sigma)
         self.register_buffer("means", means.float())
         self.register_buffer("variances", (stds**2 + self.noise_sigma**2).float())
+        self.register_buffer("clean_variances", (stds**2).float())
+
+    def denoise(self, x, sigma):
+        """E[x_clean | x] for x = x_clean + N(0, sigma^2): the exact denoiser of this prior at ``sigma``
+        (a float, or a tensor broadcastable to [B, N])."""
+        var, mean = self.clean_variances.view(1, -1, 1), self.means.view(1, -1, 1)
+        sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
+        sigma = sigma.view(*sigma.shape, *([1] * (3 - sigma.dim()))) if sigma.dim() else sigma
+        return mean + var / (var + sigma**2) * (x - mean)
+
+    def score(self, x, sigma):
+        """grad_x log p_sigma(x) [B, N, T] of the clean prior convolved with N(0, sigma^2)."""
+        sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
+        sigma = sigma.view(*sigma.shape, *([1] * (3 - sigma.dim()))) if sigma.dim() else sigma
+        return (self.denoise(x, sigma) - x) / sigma**2
 
     def log_prob(self, x):
         if x.dim() != 3 or x.shape[1] != len(self.means):

@@ -1,0 +1,209 @@
+"""Separation by diffusion posterior sampling: ISDM (Mariani et al., ICLR 2024) with the EDM sampler
+(Karras et al. 2022, Alg. 2).
+
+The model: ``m = g(x) = sum_k alpha_k x_k`` with independent source priors. Each prior is known only
+through its noisy score ``s_k(x_k, sigma) = grad log p_sigma(x_k)``, p_sigma = p_k * N(0, sigma^2).
+The sampler integrates the probability-flow ODE ``dx/dsigma = -sigma * grad_x log p_sigma(x | m)``
+from sigma_max down to 0, on the Karras schedule
+
+    sigma_i = (sigma_max^(1/rho) + i/(steps-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho, i < steps,
+    sigma_steps = 0,
+
+with an Euler step, a Heun correction while sigma_{i+1} > 0, and the last step sigma_min -> 0 done
+with Euler as in EDM Alg. 2 (it is Tweedie's denoiser of the posterior score, so no separate
+denoise call is needed). The posterior score is approximated in one of two ways:
+
+* ``dirac`` (ISDM / MSDM): m = g(x) exactly. The free variables are x_0..x_{N-2} and the last source
+  is ``x_{N-1} = (m - sum_{k<N-1} alpha_k x_k) / alpha_{N-1}``; by the chain rule
+
+      grad_{x_k} [log p(x_k) + log p(x_{N-1}(x))] = s_k(x_k) - (alpha_k / alpha_{N-1}) s_{N-1}(x_{N-1}).
+
+  Only the free sources move (noise included), the last one is recomputed after every update, so
+  g(x) = m up to float rounding at every step.
+* ``gaussian``: m = g(x) + N(0, gamma^2), gamma = gamma_scale * sigma; all sources are free and
+
+      grad_{x_k} log p(x | m) = s_k(x_k) + alpha_k (m - g(x)) / gamma^2.
+
+Neither is the exact score of the noise-convolved posterior, so the deterministic ODE does not land
+exactly on p(x | m) even with perfect priors (with Gaussian priors and the Dirac constraint the last
+source's variance comes out far too small). Stochastic additions help: EDM's churn (before every step,
+correction redos included, raise sigma to sigma_hat = sigma (1 + gamma_i), gamma_i = min(s_churn /
+steps, sqrt(2) - 1) inside [s_tmin, s_tmax], with noise of variance s_noise^2 (sigma_hat^2 - sigma^2)),
+ISDM's correction steps (re-noise from sigma_{i+1} back to sigma_i and redo the step) and
+``langevin_steps`` Langevin steps ``x <- x + eta * score + sqrt(2 eta) eps`` at sigma_min, eta =
+langevin_eta * sigma_min^2, just before the last step to 0: these sample the approximate posterior at
+sigma_min up to the O(eta) bias of the discretisation.
+
+Step sizes. A prior's score has curvature at most 1 / sigma^2; the Dirac posterior score's is up to
+c / sigma^2 with c = 1 + sum_{k<N-1} (alpha_k / alpha_{N-1})^2 (N for equal weights); the gaussian one
+has c = 1 + |alpha|^2 / gamma_scale^2. An Euler or Heun step multiplies that direction by about
+1 - c (1 - sigma_{i+1} / sigma_hat), so it is stable only if sigma_{i+1} / sigma_hat > 1 - 2 / c
+(> 1/2 for four equal weights): use enough steps, more with churn.
+"""
+import math
+
+import torch
+from torch import nn
+
+SOLVERS = ("euler", "heun")
+CONSTRAINTS = ("dirac", "gaussian")
+INITS = ("noise", "mixture")
+
+
+def karras_sigmas(sigma_max, sigma_min, steps, rho=7.0):
+    """The ``steps`` positive noise levels of EDM eq. 5, from sigma_max down to sigma_min (no final 0)."""
+    if not sigma_max > sigma_min > 0 or steps < 2:
+        raise ValueError(f"need sigma_max > sigma_min > 0 and steps >= 2, got {sigma_max}, {sigma_min}, {steps}")
+    top, bottom = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
+    sigmas = [(top + i / (steps - 1) * (bottom - top)) ** rho for i in range(steps)]
+    sigmas[0], sigmas[-1] = float(sigma_max), float(sigma_min)  # exact ends despite the rounding
+    return sigmas
+
+
+class DiffusionSeparator(nn.Module):
+    """Same interface as ``LangevinSeparator``: ``forward(mix, n_chains, seeds)``, ``alpha``, ``n_steps``.
+
+    All mixtures and chains move as one batch [B * C, N, T] through ``score_model.score``; every noise
+    draw is made per mixture from its own generator, so a result does not depend on the batch it is in.
+    """
+
+    def __init__(self, score_model, alpha, sigma_max=1.0, sigma_min=1e-4, steps=150, rho=7.0,
+                 solver="heun", s_churn=0.0, s_tmin=0.0, s_tmax=math.inf, s_noise=1.0,
+                 constraint="dirac", gamma_scale=1.0, corrections=0, init="noise",
+                 langevin_steps=0, langevin_eta=0.1):
+        super().__init__()
+        if solver not in SOLVERS:
+            raise ValueError(f"unknown solver {solver!r}; choose from {list(SOLVERS)}")
+        if constraint not in CONSTRAINTS:
+            raise ValueError(f"unknown constraint {constraint!r}; choose from {list(CONSTRAINTS)}")
+        if init not in INITS:
+            raise ValueError(f"unknown init {init!r}; choose from {list(INITS)}")
+        if s_churn < 0 or corrections < 0 or langevin_steps < 0:
+            raise ValueError(f"s_churn, corrections and langevin_steps must be >= 0, got "
+                             f"{s_churn}, {corrections}, {langevin_steps}")
+        if gamma_scale <= 0 or langevin_eta <= 0 or s_noise < 0:
+            raise ValueError(f"need gamma_scale > 0, langevin_eta > 0, s_noise >= 0, got "
+                             f"{gamma_scale}, {langevin_eta}, {s_noise}")
+        self.score_model = score_model
+        self.register_buffer("alpha", torch.as_tensor(alpha, dtype=torch.float32))
+        if len(self.alpha) < 2 or not (self.alpha != 0).all():
+            raise ValueError(f"need at least two non-zero mixing weights, got {self.alpha.tolist()}")
+        self.sigmas = karras_sigmas(sigma_max, sigma_min, steps, rho) + [0.0]
+        self.solver, self.constraint, self.init = solver, constraint, init
+        self.s_churn, self.s_tmin, self.s_tmax, self.s_noise = s_churn, s_tmin, s_tmax, s_noise
+        self.gamma_scale, self.corrections = gamma_scale, int(corrections)
+        self.langevin_steps, self.langevin_eta = int(langevin_steps), langevin_eta
+        self.nonfinite_steps = 0
+
+    @property
+    def trace_sigmas(self):
+        """The sigma each trace entry starts from: per level its step and corrections; Langevin at sigma_min."""
+        out = []
+        for sigma, sigma_next in zip(self.sigmas[:-1], self.sigmas[1:]):
+            if sigma_next == 0:
+                out += [sigma] * self.langevin_steps
+            out += [sigma] * (1 + (self.corrections if sigma_next > 0 else 0))
+        return out
+
+    @property
+    def n_steps(self):
+        return len(self.trace_sigmas)
+
+    @property
+    def score_evaluations(self):
+        """Calls to ``score`` per forward (each on the whole [B * C, N, T] batch)."""
+        moves = len(self.sigmas) - 2  # steps between positive levels, each with its corrections
+        per_move = 2 if self.solver == "heun" else 1
+        return moves * (1 + self.corrections) * per_move + self.langevin_steps + 1
+
+    def _churn(self, sigma):
+        if self.s_tmin <= sigma <= self.s_tmax:
+            return min(self.s_churn / (len(self.sigmas) - 1), math.sqrt(2) - 1)
+        return 0.0
+
+    def forward(self, mix, n_chains, seeds):
+        """mix [B, T] -> estimates [B, C, N, T], trace {"mix_error", "loglik"} each [B, n_steps].
+
+        ``mix_error``: mean over chains of ||m - g(x)||^2 / T before each step (~0 for dirac);
+        ``loglik``: NaN (no cheap likelihood here), kept for the separation loop's trace.
+        """
+        batch, length = mix.shape
+        n_sources = len(self.alpha)
+        if len(seeds) != batch:
+            raise ValueError("one seed per mixture is needed")
+        generators = [torch.Generator(device=mix.device).manual_seed(int(s)) for s in seeds]
+        shape = (n_chains, n_sources, length)
+
+        def noise():
+            return torch.cat([torch.randn(shape, generator=g, device=mix.device) for g in generators])
+
+        alpha = self.alpha.view(1, -1, 1)
+        target = mix.float().repeat_interleave(n_chains, dim=0).unsqueeze(1)  # [B * C, 1, T]
+        dirac = self.constraint == "dirac"
+        # Which sources are free: noise and updates touch only those (dirac: all but the last).
+        free = torch.ones_like(alpha)
+        if dirac:
+            free[:, -1] = 0
+        ratio = alpha / alpha[:, -1:]
+        nonfinite = torch.zeros((), dtype=torch.long, device=mix.device)
+
+        def project(x):
+            if not dirac:
+                return x
+            rest = (alpha[:, :-1] * x[:, :-1]).sum(dim=1, keepdim=True)
+            return torch.cat([x[:, :-1], (target - rest) / alpha[:, -1:]], dim=1)
+
+        def posterior_score(x, sigma):
+            nonlocal nonfinite
+            score = self.score_model.score(x, float(sigma)).float()
+            # A non-finite prior score would poison the chain for good: that chain skips this move
+            # (counted per chain and score call).
+            finite = torch.isfinite(score).flatten(1).all(dim=1).view(-1, 1, 1)
+            nonfinite = nonfinite + (~finite).sum()
+            if dirac:  # chain rule through x_{N-1}(x); the last source itself does not move
+                post = (score - ratio * score[:, -1:]) * free
+            else:
+                gamma = self.gamma_scale * sigma
+                post = score + alpha * (target - (alpha * x).sum(dim=1, keepdim=True)) / gamma**2
+            return torch.where(finite, post, torch.zeros_like(post)), finite
+
+        def ode_step(x, sigma, sigma_next):
+            churn = self._churn(sigma)
+            sigma_hat = sigma * (1 + churn)
+            if churn > 0:
+                x = project(x + math.sqrt(sigma_hat**2 - sigma**2) * self.s_noise * noise() * free)
+            score, _ = posterior_score(x, sigma_hat)
+            slope = -sigma_hat * score  # dx/dsigma = -sigma * score
+            x_next = project(x + (sigma_next - sigma_hat) * slope)
+            if self.solver == "heun" and sigma_next > 0:
+                score_next, finite = posterior_score(x_next, sigma_next)
+                # A non-finite second evaluation falls back to the Euler step.
+                slope_next = torch.where(finite, -sigma_next * score_next, slope)
+                x_next = project(x + (sigma_next - sigma_hat) * 0.5 * (slope + slope_next))
+            return x_next
+
+        x = noise() * self.sigmas[0] * free
+        if self.init == "mixture":  # the Average baseline: every source gets m / (N alpha_k)
+            x = x + target / (n_sources * alpha)
+        x = project(x)
+        errors = []
+
+        def record(x):
+            errors.append((target - (alpha * x).sum(dim=1, keepdim=True)).pow(2).mean(dim=(1, 2)))
+
+        for sigma, sigma_next in zip(self.sigmas[:-1], self.sigmas[1:]):
+            if sigma_next == 0:  # Langevin at sigma_min before the last step to 0
+                eta = self.langevin_eta * sigma**2
+                for _ in range(self.langevin_steps):
+                    record(x)
+                    score, _ = posterior_score(x, sigma)
+                    x = project(x + eta * score + math.sqrt(2 * eta) * noise() * free)
+            for repeat in range(1 + (self.corrections if sigma_next > 0 else 0)):
+                if repeat:  # ISDM correction: back from sigma_next to sigma with fresh noise, redo
+                    x = project(x + math.sqrt(sigma**2 - sigma_next**2) * noise() * free)
+                record(x)
+                x = ode_step(x, sigma, sigma_next)
+        self.nonfinite_steps = int(nonfinite)
+        mix_error = torch.stack(errors, dim=1).view(batch, n_chains, -1).mean(dim=1)
+        trace = {"mix_error": mix_error, "loglik": torch.full_like(mix_error, math.nan)}
+        return x.view(batch, n_chains, n_sources, length), trace
