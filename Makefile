@@ -21,12 +21,13 @@ OUT ?=
 FORCE ?=
 LANGEVIN_ARGS ?=
 DATA_ARGS ?=
+SCORE_ARGS ?=
 SEPARATION_SOURCES = $(if $(SOURCES),separation.sources=[$(SOURCES)])
 CLI = $(PY) -m experiments.cli
 COMMON = experiment=$(EXPERIMENT) preset=$(PRESET) output_root=$(RUNS)
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-slow train-toy-flow train-toy-wavenet train-toy-score train-musdb-score train-slakh-score train-musdb-flow train-musdb-wavenet train-slakh-flow compare-toy compare-musdb train finetune-noise finetune-noise-all cross-likelihood separate-toy separate bench show-config
+.PHONY: help install test test-slow train-toy-flow train-toy-wavenet train-toy-score train-musdb-score train-slakh-score train-musdb-flow train-musdb-wavenet train-slakh-flow compare-toy compare-musdb train finetune-noise finetune-noise-all cross-likelihood separate-toy separation-table separate bench show-config
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-20s %s\n", $$1, $$2}'
@@ -95,13 +96,17 @@ separate-toy: ## BASIS separation of toy test mixtures: trains and fine-tunes th
 	$(CLI) finetune-all $(COMMON) finetune.grid=basis $(ARGS)
 	$(CLI) separate $(COMMON) $(SEPARATION_SOURCES) $(ARGS)
 
+separation-table: ## League table: every trained family and sampler on the first 32 toy test mixtures (CSV/MD/PNG)
+	$(PY) -m experiments.separation_table preset=$(PRESET) output_root=$(RUNS) $(ARGS)
+
 separate: ## Separate a file: make separate MIX=song.wav OUT=dir [EXPERIMENT=toy_flow] [FORCE=1]
 	$(CLI) separate-file $(COMMON) mix=$(MIX) out=$(OUT) force=$(FORCE) $(SEPARATION_SOURCES) $(ARGS)
 
-bench: ## Prior throughput, Langevin steps/s + memory, data loading x real time ($(RUNS)/bench*.json)
+bench: ## Prior throughput, Langevin steps/s + memory, data loading x real time, score priors: training, ODE likelihood, diffusion s/audio s ($(RUNS)/bench*.json)
 	$(PY) -m experiments.bench output=$(RUNS)/bench.json $(ARGS)
 	$(PY) -m experiments.bench_langevin output=$(RUNS)/bench_langevin.json $(LANGEVIN_ARGS)
 	$(PY) -m experiments.bench_data output=$(RUNS)/bench_data.json $(DATA_ARGS)
+	$(PY) -m experiments.bench_score output=$(RUNS)/bench_score.json $(SCORE_ARGS)
 
 show-config: ## Print the resolved configuration of EXPERIMENT with PRESET and ARGS
 	$(CLI) show-config $(COMMON) $(ARGS)

@@ -1,5 +1,5 @@
 """Writes a separation test loop's results: WAVs (every rank, its own mixtures), then on rank zero the
-per-mixture CSV, the summary JSON/Markdown, the annealing trace plot, and W&B tables and audio."""
+per-mixture CSV, the summary JSON/Markdown, the sampler's trace plot, and W&B tables and audio."""
 import csv
 import io
 import json
@@ -105,7 +105,11 @@ def summary_markdown(results):
             cells += [fmt(stats.get("si_sdri_windowed")), str(stats.get("windows_kept", "-"))]
         cells += [fmt(stats.get(f"si_sdr_{s}")) for s in sources]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", f"Wall time {results['seconds']:.1f} s; non-finite prior gradients skipped: "
+    if results.get("selection"):
+        lines += ["", f"The selected chain is the one the selection prior ranks highest by its {results['selection']}."]
+    per_second = results.get("seconds_per_audio_second")
+    per_second = f" ({per_second:.2f} s per second of mixture)" if per_second is not None else ""
+    lines += ["", f"Wall time {results['seconds']:.1f} s{per_second}; non-finite prior gradients skipped: "
               f"{results['nonfinite_prior_gradients']}.", ""]
     return "\n".join(lines)
 
@@ -114,29 +118,64 @@ def fmt(value):
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.2f}"
 
 
+def step_sigmas(trace):
+    """The sigma of every trace entry; a trace written before ``step_sigmas`` has its levels instead."""
+    if "step_sigmas" in trace:
+        return list(trace["step_sigmas"])
+    return [sigma for sigma, count in zip(trace["level_sigmas"], trace["steps_per_level"]) for _ in range(count)]
+
+
+def constant_runs(values):
+    """[(value, start, count)] of the runs of equal consecutive values."""
+    runs = []
+    for i, value in enumerate(values):
+        if runs and runs[-1][0] == value:
+            runs[-1][2] += 1
+        else:
+            runs.append([value, i, 1])
+    return [tuple(run) for run in runs]
+
+
+MAX_BANDS = 20  # more levels than this (a diffusion schedule) get a sigma curve instead of labelled bands
+
+
 def plot_trace(trace, stream):
-    """Log-likelihood and mixture error along the annealing, one shaded band per level."""
+    """Log-likelihood (when the sampler has one) and mixture error along the sampler's steps, with the
+    noise level: one shaded, labelled band per level (BASIS, SGLD), or sigma on a second axis (diffusion)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    steps = range(len(trace["loglik"]))
-    figure, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
-    top.plot(steps, trace["loglik"])
-    top.set_ylabel("log-lik (nats/sample)\nunder the level's prior")
+    has_loglik = any(not math.isnan(v) for v in trace["loglik"])
+    figure, axes = plt.subplots(2 if has_loglik else 1, 1, figsize=(8, 6 if has_loglik else 3.5), sharex=True,
+                                squeeze=False)
+    axes = list(axes[:, 0])
+    steps = range(len(trace["mix_error"]))
+    if has_loglik:
+        axes[0].plot(steps, trace["loglik"])
+        axes[0].set_ylabel("log-lik (nats/sample)\nunder the level's prior")
+    bottom = axes[-1]
     bottom.plot(steps, trace["mix_error"])
     bottom.set_ylabel("||m - g(x)||^2 / T")
-    bottom.set_yscale("log")
-    bottom.set_xlabel("Langevin step")
-    start = 0
-    for i, (sigma, count) in enumerate(zip(trace["level_sigmas"], trace["steps_per_level"])):
-        for axis in (top, bottom):
-            if i % 2:
-                axis.axvspan(start, start + count, color="0.92")
-        top.text(start + count / 2, 1.0, f"{sigma:g}", transform=top.get_xaxis_transform(), ha="center",
-                 va="bottom", fontsize=7)
-        start += count
+    if any(v > 0 for v in trace["mix_error"]):
+        bottom.set_yscale("log")
+    bottom.set_xlabel("sampler step")
+    sigmas = step_sigmas(trace)
+    runs = constant_runs(sigmas)
+    if len(runs) <= MAX_BANDS:
+        for i, (sigma, start, count) in enumerate(runs):
+            for axis in axes:
+                if i % 2:
+                    axis.axvspan(start, start + count, color="0.92")
+            axes[0].text(start + count / 2, 1.0, f"{sigma:g}", transform=axes[0].get_xaxis_transform(),
+                         ha="center", va="bottom", fontsize=7)
+    else:
+        twin = bottom.twinx()
+        twin.plot(range(len(sigmas)), sigmas, color="0.5", linestyle="--")
+        twin.set_ylabel("sigma (dashed)")
+        if all(s > 0 for s in sigmas):
+            twin.set_yscale("log")
     figure.tight_layout()
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=110)

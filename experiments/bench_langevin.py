@@ -18,6 +18,7 @@ import torch
 
 from experiments.bench import autocast, parse_options, pick_device, synchronize, write_bench
 from experiments.config import load_config, to_dict
+from lightning_modules.level_score import LevelScore
 from lightning_modules.langevin import LangevinSeparator, mixing_weights, sgld_levels
 from lightning_modules.prior_registry import build_prior
 
@@ -34,7 +35,7 @@ def bench_case(experiment, preset, device, precision, steps, chains, seconds):
     alpha = mixing_weights("mean", n_sources)
 
     def run(n_steps):
-        separator = LangevinSeparator([prior], sgld_levels(1e-5, 0.1, n_steps), alpha).to(device)
+        separator = LangevinSeparator(LevelScore([(0.0, prior)]), sgld_levels(1e-5, 0.1, n_steps), alpha).to(device)
         with autocast(device, precision):
             separator(mix, chains, [0])
 

@@ -1,4 +1,10 @@
-"""Langevin separation with a run's priors: the toy test set as a trainer ``test`` loop, or a user's file.
+"""Separation with a run's priors: the toy test set as a trainer ``test`` loop, or a user's file.
+
+Every sampler (BASIS, SGLD, diffusion) sees the priors through one call, ``score(x, sigma)``. A
+noise-conditional family (score priors) answers it at any sigma from its noiseless run; a likelihood
+family (flows, smoothed WaveNet) answers it through a ``LevelScore`` of its fine-tuned levels: for
+BASIS and SGLD the levels resolved by ``separation.prior_levels``, for diffusion every finished level
+(the nearest serves each sigma of the schedule).
 
     {output_root}/{experiment}/{run_name}/separation/{algorithm}_{sources}/
         separation.csv (one row per mixture and method), summary.json, summary.md, trace.png,
@@ -19,14 +25,17 @@ from callbacks.separation_report import SeparationReport
 from datamodules.audio_file import read_mono, write_wav
 from datamodules.registry import build_datamodule, dataset_mixing
 from experiments.config import ConfigError, save_config, to_dict
-from experiments.run_layout import basis_sigmas, canonical_sigma, experiment_dir, finished_sigmas, load_prior, prior_dir
+from experiments.run_layout import (basis_sigmas, canonical_sigma, experiment_dir, finished_sigmas, is_done,
+                                   load_prior, prior_dir)
 from experiments.trainer_factory import run_test_loop
 from lightning_modules.langevin import LangevinSeparator, basis_levels, mixing_weights, sgld_levels
+from lightning_modules.level_score import LevelScore, log_distance
 from lightning_modules.nn.source_subset import SourceSubset
-from lightning_modules.separation import SEED_STRIDE, SeparationModule
+from lightning_modules.prior_registry import PRIOR_FAMILIES, resolve_model_config
+from lightning_modules.separation import SEED_STRIDE, SeparationModule, selection_kind, selection_scores
 
 log = logging.getLogger(__name__)
-ALGORITHMS = ("basis", "sgld")
+ALGORITHMS = ("basis", "sgld", "diffusion")
 
 
 def separation_sources(config):
@@ -40,23 +49,26 @@ def separation_sources(config):
     return sources
 
 
+def check_algorithm(config):
+    algorithm = config.separation.algorithm
+    if algorithm not in ALGORITHMS:
+        raise ConfigError(f"unknown separation.algorithm {algorithm!r}; choose from {list(ALGORITHMS)}")
+
+
 def levels_for(config):
+    """The Langevin levels of BASIS or SGLD."""
     sep = config.separation
     if sep.algorithm == "basis":
         return basis_levels(basis_sigmas(sep.levels, sep.sigma_max, sep.sigma_min)[::-1], sep.delta, sep.steps_per_level)
     if sep.algorithm == "sgld":
         return sgld_levels(sep.sgld_eta, sep.sgld_gamma, sep.sgld_steps, canonical_sigma(sep.sgld_prior_sigma))
-    raise ConfigError(f"unknown separation.algorithm {sep.algorithm!r}; choose from {list(ALGORITHMS)}")
-
-
-def log_distance(a, b):
-    """Distance in log-sigma; the noiseless prior counts as sigma = 1e-4."""
-    return abs(math.log(max(a, 1e-4)) - math.log(max(b, 1e-4)))
+    raise ConfigError(f"separation.algorithm {sep.algorithm!r} has no Langevin levels")
 
 
 # Where each algorithm looks for its priors, its own grid first: BASIS anneals over the serial BASIS grid;
-# SGLD uses one level, which `make finetune-noise SIGMA=...` (the paper003 layout) writes.
-GRID_PREFERENCE = {"basis": ("basis", "paper003"), "sgld": ("paper003", "basis")}
+# SGLD uses one level, which `make finetune-noise SIGMA=...` (the paper003 layout) writes; diffusion takes
+# every level, the BASIS grid's where both layouts have one (its levels are fine-tuned along a schedule too).
+GRID_PREFERENCE = {"basis": ("basis", "paper003"), "sgld": ("paper003", "basis"), "diffusion": ("basis", "paper003")}
 
 
 def finished_priors(config, grids):
@@ -91,6 +103,13 @@ def missing_prior_error(config, sigmas, grid, finished):
     )
 
 
+def no_prior_error(config):
+    return FileNotFoundError(
+        f"no finished prior under {experiment_dir(config)}; train it first: "
+        f"make train EXPERIMENT={config.experiment} PRESET={config.preset}"
+    )
+
+
 def resolve_priors(config, wanted):
     """Which finished prior ({"sigma", "grid", "dir"}) serves each wanted noise level, per
     separation.prior_levels. The last entry of ``wanted`` is the selection prior's level."""
@@ -98,10 +117,7 @@ def resolve_priors(config, wanted):
     order = GRID_PREFERENCE[sep.algorithm]
     finished = finished_priors(config, order)
     if not finished:
-        raise FileNotFoundError(
-            f"no finished prior under {experiment_dir(config)}; train it first: "
-            f"make train EXPERIMENT={config.experiment} PRESET={config.preset}"
-        )
+        raise no_prior_error(config)
     if sep.prior_levels == "nearest":  # min() keeps the first of equals: the algorithm's own grid
         return [min(finished, key=lambda f: log_distance(f["sigma"], sigma)) for sigma in wanted]
     if sep.prior_levels != "exact":
@@ -132,36 +148,124 @@ def resolve_mixing(config, n_sources):
     return alpha, {"kind": kind, "alpha": alpha.tolist(), "from": origin}
 
 
-def build_separator(config):
-    """(separator, selection prior, sources, record): the record says which prior directory serves each
-    level and the selection, and which mixing is used (and why)."""
-    sep, sources = config.separation, separation_sources(config)
-    alpha, mixing = resolve_mixing(config, len(sources))
-    levels = levels_for(config)
+def is_noise_conditional(config):
+    """Whether the run's family is one network for every sigma (score priors), read from the family class:
+    load_prior checks that the checkpoints are of the configured family."""
+    name = resolve_model_config(to_dict(config.model))["name"]
+    return bool(getattr(PRIOR_FAMILIES[name][0], "noise_conditional", False))
+
+
+class PriorLoader:
+    """Loads each run directory's prior once, as a SourceSubset of the separated sources."""
+
+    def __init__(self, config, sources):
+        self.config, self.sources, self.loaded = config, sources, {}
+
+    def __call__(self, directory):
+        directory = str(directory)
+        if directory not in self.loaded:
+            config = self.config
+            prior = load_prior(directory, list(config.data.sources), to_dict(config.model)).prior
+            if not getattr(prior, "has_density_gradient", True):
+                raise ConfigError(
+                    f"the priors of {experiment_dir(config)} have no density gradient (a mu-law WaveNet scores "
+                    f"discrete classes); Langevin and diffusion need model.likelihood=smoothed: train a run with it"
+                )
+            self.loaded[directory] = SourceSubset(prior, list(config.data.sources), self.sources).eval()
+        return self.loaded[directory]
+
+
+def noise_conditional_priors(config, load, sigmas):
+    """(score model, selection prior, record): the noiseless run serves every level and the selection."""
+    directory = prior_dir(config, 0.0)
+    if not is_done(directory):
+        raise no_prior_error(config)
+    if any(s <= 0 for s in sigmas):
+        raise ConfigError(f"a score prior has no score at sigma 0 (levels {sigmas}); set "
+                          f"separation.sgld_prior_sigma > 0")
+    prior = load(directory)
+    record = {"prior_sigma_per_level": [0.0], "prior_dir_per_level": [str(directory)],
+              "prior_grid_per_level": ["noise-conditional"], "selection_prior_sigma": 0.0,
+              "selection_prior_dir": str(directory)}
+    return prior, prior, record
+
+
+def langevin_priors(config, load, levels):
+    """(LevelScore of each level's resolved prior, selection prior, record), per separation.prior_levels."""
+    sep = config.separation
     wanted = [level.sigma for level in levels]
     selection_wanted = wanted[-1] if sep.selection_sigma is None else canonical_sigma(sep.selection_sigma)
     used = resolve_priors(config, wanted + [selection_wanted])
-    loaded = {}
-    for directory in dict.fromkeys(u["dir"] for u in used):
-        prior = load_prior(directory, list(config.data.sources), to_dict(config.model)).prior
-        if not getattr(prior, "has_density_gradient", True):
-            raise ConfigError(
-                f"the priors of {experiment_dir(config)} have no density gradient (a mu-law WaveNet scores "
-                f"discrete classes); Langevin needs model.likelihood=smoothed: train a run with it"
-            )
-        loaded[directory] = SourceSubset(prior, list(config.data.sources), sources).eval()
-    separator = LangevinSeparator([loaded[u["dir"]] for u in used[:-1]], levels, alpha, sep.init_range)
+    score_model = LevelScore((level.sigma, load(u["dir"])) for level, u in zip(levels, used))
     record = {
         "prior_sigma_per_level": [u["sigma"] for u in used[:-1]],
         "prior_dir_per_level": [u["dir"] for u in used[:-1]],
         "prior_grid_per_level": [u["grid"] for u in used[:-1]],
-        "selection_prior_sigma": used[-1]["sigma"], "selection_prior_dir": used[-1]["dir"], "mixing": mixing,
+        "selection_prior_sigma": used[-1]["sigma"], "selection_prior_dir": used[-1]["dir"],
     }
-    return separator, loaded[used[-1]["dir"]], sources, record
+    return score_model, load(used[-1]["dir"]), record
 
 
-def check_length(separator, length):
-    multiple = getattr(separator.priors[0].prior, "length_multiple", 1)
+def diffusion_priors(config, load):
+    """(LevelScore of every finished level, one per sigma, selection prior, record): the schedule's sigmas
+    are served by the nearest in log-sigma; the selection by the smallest sigma (or separation.selection_sigma's
+    nearest)."""
+    sep = config.separation
+    finished = finished_priors(config, GRID_PREFERENCE["diffusion"])
+    if not finished:
+        raise no_prior_error(config)
+    by_sigma = {}
+    for f in finished:  # the preferred grid comes first: it keeps a sigma finished in both layouts
+        by_sigma.setdefault(f["sigma"], f)
+    used = sorted(by_sigma.values(), key=lambda f: f["sigma"], reverse=True)
+    selection_wanted = 0.0 if sep.selection_sigma is None else canonical_sigma(sep.selection_sigma)
+    selection = min(used[::-1], key=lambda f: log_distance(f["sigma"], selection_wanted))
+    score_model = LevelScore((f["sigma"], load(f["dir"])) for f in used)
+    record = {
+        "prior_sigma_per_level": [f["sigma"] for f in used], "prior_dir_per_level": [f["dir"] for f in used],
+        "prior_grid_per_level": [f["grid"] for f in used],
+        "selection_prior_sigma": selection["sigma"], "selection_prior_dir": selection["dir"],
+    }
+    return score_model, load(selection["dir"]), record
+
+
+def make_sampler(config, score_model, alpha, levels):
+    sep = config.separation
+    if sep.algorithm != "diffusion":
+        return LangevinSeparator(score_model, levels, alpha, sep.init_range)
+    # Imported here: the Langevin algorithms do not need the diffusion sampler's module.
+    from lightning_modules.diffusion import DiffusionSeparator
+
+    return DiffusionSeparator(
+        score_model, alpha, sigma_max=sep.diffusion_sigma_max, sigma_min=sep.diffusion_sigma_min,
+        steps=sep.diffusion_steps, rho=sep.diffusion_rho, solver=sep.diffusion_solver, s_churn=sep.diffusion_churn,
+        constraint=sep.diffusion_constraint, gamma_scale=sep.diffusion_gamma_scale,
+        corrections=sep.diffusion_corrections, init=sep.diffusion_init, langevin_steps=sep.diffusion_langevin_steps,
+        langevin_eta=sep.diffusion_langevin_eta)
+
+
+def build_separator(config):
+    """(separator, selection prior, sources, record): the record says which prior directory serves each
+    level and the selection, and which mixing is used (and why). The separation length is checked here."""
+    check_algorithm(config)
+    sep, sources = config.separation, separation_sources(config)
+    alpha, mixing = resolve_mixing(config, len(sources))
+    levels = levels_for(config) if sep.algorithm != "diffusion" else None
+    load = PriorLoader(config, sources)
+    if is_noise_conditional(config):
+        sigmas = [level.sigma for level in levels] if levels else [sep.diffusion_sigma_min]
+        score_model, selection, record = noise_conditional_priors(config, load, sigmas)
+    elif levels is None:
+        score_model, selection, record = diffusion_priors(config, load)
+    else:
+        score_model, selection, record = langevin_priors(config, load, levels)
+    check_length(score_model, sep.length or config.data.eval_length)
+    separator = make_sampler(config, score_model, alpha, levels)
+    return separator, selection, sources, record | {"mixing": mixing, "selection": selection_kind(selection)}
+
+
+def check_length(score_model, length):
+    multiple = getattr(score_model, "length_multiple", 1)
     if length % multiple:
         raise ConfigError(f"separation.length {length} must be a multiple of {multiple} for these priors")
 
@@ -175,7 +279,6 @@ def run_separation(config):
     sep = config.separation
     separator, selection_prior, sources, record = build_separator(config)
     length = sep.length or config.data.eval_length
-    check_length(separator, length)
     mixing = record["mixing"]
     if mixing["kind"] != dataset_mixing(config.data.name):
         log.warning("the %s test mixtures are the %s of their sources; separating them as %s (%s)",
@@ -207,27 +310,26 @@ def separate_file(config, mix_path, out_dir, force=False):
         log.warning("%s: %s", mix_path, note)
     separator, selection_prior, sources, record = build_separator(config)
     length = sep.length or config.data.eval_length
-    check_length(separator, length)
     device = torch.device("cuda" if torch.cuda.is_available() and config.trainer.accelerator != "cpu" else "cpu")
     separator, selection_prior = separator.to(device), selection_prior.to(device)
     n_samples = audio.shape[0]
     chunks = torch.nn.functional.pad(audio, (0, -n_samples % length)).view(-1, length).to(device)
-    estimates, chunk_logliks, chosen_chains = [], [], []
+    estimates, chunk_scores, chosen_chains = [], [], []
     for start in range(0, chunks.shape[0], sep.batch_size):
         batch = chunks[start:start + sep.batch_size]
         seeds = [sep.seed * SEED_STRIDE + start + i for i in range(batch.shape[0])]
         samples, _ = separator(batch, sep.n_chains, seeds)  # [b, C, N, L]
-        loglik = selection_prior.log_prob(samples.flatten(0, 1)).float().mean(dim=1).view(batch.shape[0], -1)
-        best = loglik.nan_to_num(nan=-math.inf).argmax(dim=1)
+        scores = selection_scores(selection_prior, samples.flatten(0, 1)).mean(dim=1).view(batch.shape[0], -1)
+        best = scores.nan_to_num(nan=-math.inf).argmax(dim=1)
         estimates.append(samples[torch.arange(batch.shape[0]), best])
-        chunk_logliks += loglik.max(dim=1).values.tolist()
+        chunk_scores += scores.max(dim=1).values.tolist()
         chosen_chains += best.tolist()
     separated = torch.cat(estimates).permute(1, 0, 2).reshape(len(sources), -1)[:, :n_samples].cpu()
     residual = audio - (separator.alpha.cpu().unsqueeze(1) * separated).sum(dim=0)
     info = {
         "input": str(mix_path), "notes": notes, "sources": sources, "sample_rate": config.data.sample_rate,
         "chunk_length": length, "n_chunks": chunks.shape[0], "n_chains": sep.n_chains,
-        "chosen_chain_per_chunk": chosen_chains, "selection_loglik_per_chunk": chunk_logliks,
+        "chosen_chain_per_chunk": chosen_chains, "selection_score_per_chunk": chunk_scores,
         "mix_error": float(residual.double().pow(2).mean()), "seed": sep.seed, **record,
     }
     out_dir.parent.mkdir(parents=True, exist_ok=True)

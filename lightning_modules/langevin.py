@@ -19,8 +19,9 @@ Paper 004's listing prints this term with a minus sign in front of ``(m - g(x))`
 listing drops alpha_k; both ascend the same log-density written here. BASIS sets gamma = sigma_i at
 level i, so ``eta_i / gamma_i^2 = delta / sigma_L^2`` is the same at every level.
 
-The prior term: ``log_prob`` returns nats per audio sample (a mean over T), so the density's gradient
-is ``T * grad(mean)``. Both gradients are taken at the current x, as in a plain Langevin step.
+The prior term is ``score_model.score(x, sigma_i)``, the gradient of the total log-density of the
+prior at level i (for a likelihood prior in nats per sample, ``T * grad(mean)``: see
+lightning_modules/level_score.py). Both gradients are taken at the current x, as in a plain Langevin step.
 """
 import math
 from dataclasses import dataclass
@@ -72,41 +73,43 @@ def sgld_levels(eta, gamma, steps, prior_sigma=0.0):
     return [Level(float(prior_sigma), float(eta), float(gamma), int(steps))]
 
 
-def prior_score(prior, x):
-    """grad_x of the total log-density (T x the per-sample mean) and the per-sample log-lik [M, N]."""
-    with torch.enable_grad():
-        x = x.detach().requires_grad_(True)
-        log_prob = prior.log_prob(x)
-        (grad,) = torch.autograd.grad(log_prob.sum() * x.shape[-1], x)
-    return grad.to(x.dtype), log_prob.detach().float()
-
-
 class LangevinSeparator(nn.Module):
-    """Runs the levels in order; ``priors[i]`` is the prior family used at ``levels[i]``.
+    """Runs the levels in order, asking ``score_model.score(x, level.sigma)`` for the prior term.
+
+    ``score_model`` is any family behind the score contract (lightning_modules/level_score.py): a
+    ``LevelScore`` of fine-tuned likelihood priors, an analytic prior, a noise-conditional score network.
+    The trace's log-likelihood is the model's ``last_log_prob`` when it keeps one, else NaN.
 
     All mixtures and chains of a call move together as one batch [B * C, N, T]; the only Python loop
     inside a step draws each mixture's noise from its own generator, so a mixture's result does not
     depend on which other mixtures share its batch or its DDP rank.
     """
 
-    def __init__(self, priors, levels, alpha, init_range=1.0):
+    def __init__(self, score_model, levels, alpha, init_range=1.0):
         super().__init__()
-        if len(priors) != len(levels):
-            raise ValueError("one prior per level is needed")
-        self.priors = nn.ModuleList(priors)
+        if not levels:
+            raise ValueError("at least one level is needed")
+        self.score_model = score_model
         self.levels = list(levels)
         self.register_buffer("alpha", torch.as_tensor(alpha, dtype=torch.float32))
         self.init_range = init_range
+        self.nonfinite_steps = 0
 
     @property
     def n_steps(self):
         return sum(level.steps for level in self.levels)
 
+    @property
+    def trace_sigmas(self):
+        """The prior's sigma at each step (one trace entry per step)."""
+        return [level.sigma for level in self.levels for _ in range(level.steps)]
+
     def forward(self, mix, n_chains, seeds):
         """mix [B, T] -> estimates [B, C, N, T], trace {"loglik", "mix_error"} each [B, steps].
 
         ``trace["loglik"]``: mean per-sample log-lik under the current level's prior (over chains and
-        sources); ``trace["mix_error"]``: mean squared ||m - g(x)||^2 / T over chains, before each step.
+        sources), NaN for a model without one; ``trace["mix_error"]``: mean squared ||m - g(x)||^2 / T
+        over chains, before each step.
         """
         batch, length = mix.shape
         n_sources = len(self.alpha)
@@ -123,17 +126,19 @@ class LangevinSeparator(nn.Module):
         target = mix.float().repeat_interleave(n_chains, dim=0).unsqueeze(1)  # [B * C, 1, T]
         alpha = self.alpha.view(1, -1, 1)
         logliks, errors = [], []
+        no_loglik = torch.full((x.shape[0],), math.nan, device=mix.device)
         nonfinite = torch.zeros((), dtype=torch.long, device=mix.device)
-        for prior, level in zip(self.priors, self.levels):
+        for level in self.levels:
             for _ in range(level.steps):
-                grad, log_prob = prior_score(prior, x)
+                grad = self.score_model.score(x, level.sigma)
+                log_prob = getattr(self.score_model, "last_log_prob", None)
                 # A diverging prior gradient would turn the chain into NaN for good: skip its step.
                 # (Counted on the device: no host sync inside the loop.)
                 finite = torch.isfinite(grad).flatten(1).all(dim=1)
                 nonfinite = nonfinite + (~finite).sum()
                 grad = torch.where(finite.view(-1, 1, 1), grad, torch.zeros_like(grad))
                 residual = target - (alpha * x).sum(dim=1, keepdim=True)
-                logliks.append(log_prob.nan_to_num(nan=-math.inf).mean(dim=1))
+                logliks.append(no_loglik if log_prob is None else log_prob.nan_to_num(nan=-math.inf).mean(dim=1))
                 errors.append(residual.pow(2).mean(dim=(1, 2)))
                 noise = per_mixture(torch.randn)
                 x = (x + level.eta * grad + math.sqrt(2 * level.eta) * noise

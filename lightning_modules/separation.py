@@ -1,12 +1,17 @@
-"""Langevin separation of a datamodule's test mixtures as a trainer ``test`` loop.
+"""Separation of a datamodule's test mixtures as a trainer ``test`` loop, with any sampler.
+
+The sampler (``LangevinSeparator``: BASIS, SGLD; ``DiffusionSeparator``) is duck-typed: it has ``alpha``
+[N], ``n_steps``, ``trace_sigmas`` (the sigma of each trace entry), ``nonfinite_steps`` and
+``forward(mix [B, T], n_chains, seeds) -> (x [B, C, N, T], {"loglik", "mix_error"} each [B, n_steps])``.
 
 Each mixture is separated by ``n_chains`` parallel chains and scored against its references with the
 baselines beside it, one row per (mixture, method):
 
 * ``average``: every source = m (1/N) / alpha_k (paper 004 section 5);
 * ``<algorithm>``: one posterior sample (chain 0);
-* ``<algorithm>_likelihood_of_C``: the chain the selection prior likes best (paper 004's "10x": the
-  samples meet the mixture, so p(x | m) is proportional to p(x));
+* ``<algorithm>_selected_of_C``: the chain the selection prior likes best (paper 004's "10x": the
+  samples meet the mixture, so p(x | m) is proportional to p(x)), by its ``selection_score`` when it has
+  one (a score network's denoising score: its exact likelihood is an ODE solve), else its ``log_prob``;
 * ``<algorithm>_oracle_of_C``: the chain with the best mean SI-SDR (needs the references; an upper bound).
 
 Every row has SI-SDR, SI-SDRi and (``museval``) BSSEval v4 SDR of the whole item; ``protocol="windowed"``
@@ -37,7 +42,7 @@ class SeparationModule(pl.LightningModule):
         if n_chains < 1:
             raise ValueError(f"n_chains must be >= 1, got {n_chains}")
         self.separator = separator
-        self.selection_prior = selection_prior if selection_prior is not None else separator.priors[-1]
+        self.selection_prior = selection_prior if selection_prior is not None else separator.score_model
         self.sources, self.algorithm, self.n_chains = list(sources), algorithm, n_chains
         self.seed, self.sample_rate, self.museval = seed, sample_rate, museval
         if protocol not in PROTOCOLS:
@@ -52,17 +57,18 @@ class SeparationModule(pl.LightningModule):
         self.register_buffer("trace_loglik", torch.zeros(steps, dtype=torch.float64))
         self.register_buffer("trace_mix_error", torch.zeros(steps, dtype=torch.float64))
         self.register_buffer("count", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("samples", torch.zeros((), dtype=torch.float64))  # mixture samples separated
         self.register_buffer("nonfinite_steps", torch.zeros((), dtype=torch.float64))
         self.rows, self.results, self.started = [], None, None
 
     def method_names(self):
         names = ["average", self.algorithm]
         if self.n_chains > 1:
-            names += [f"{self.algorithm}_likelihood_of_{self.n_chains}", f"{self.algorithm}_oracle_of_{self.n_chains}"]
+            names += [f"{self.algorithm}_selected_of_{self.n_chains}", f"{self.algorithm}_oracle_of_{self.n_chains}"]
         return names
 
     def on_test_epoch_start(self):
-        for buffer in (self.trace_loglik, self.trace_mix_error, self.count, self.nonfinite_steps):
+        for buffer in (self.trace_loglik, self.trace_mix_error, self.count, self.samples, self.nonfinite_steps):
             buffer.zero_()
         self.rows, self.started = [], time.time()
 
@@ -74,27 +80,28 @@ class SeparationModule(pl.LightningModule):
         self.trace_loglik += trace["loglik"].double().sum(dim=0)
         self.trace_mix_error += trace["mix_error"].double().sum(dim=0)
         self.count += mix.shape[0]
+        self.samples += mix.numel()
         self.nonfinite_steps += self.separator.nonfinite_steps
         with torch.autocast(self.device.type, enabled=False), torch.no_grad():
             batch_size, n_chains, n_sources, length = estimates.shape
-            loglik = self.selection_prior.log_prob(estimates.flatten(0, 1)).float().view(batch_size, n_chains, -1)
+            selection = selection_scores(self.selection_prior, estimates.flatten(0, 1)).view(batch_size, n_chains, -1)
             chain_scores = si_sdr(estimates, references.unsqueeze(1))  # [B, C, N]
-            chosen = self.choose(loglik.mean(dim=2), chain_scores)
-            rows = self.score(mix, references, indices, estimates, chosen, loglik, chain_scores)
+            chosen = self.choose(selection.mean(dim=2), chain_scores)
+            rows = self.score(mix, references, indices, estimates, chosen, selection, chain_scores)
         self.rows.extend(rows)
         picked = {"average": average_baseline(mix, self.separator.alpha)}
         picked.update({name: estimates[torch.arange(batch_size), chain] for name, chain in chosen.items()})
         return {"index": indices, "mix": mix, "references": references, "estimates": picked}
 
-    def choose(self, loglik, chain_scores):
+    def choose(self, selection, chain_scores):
         """Which chain each method takes, per mixture: {method: [B] chain indices}."""
-        chosen = {self.algorithm: torch.zeros(loglik.shape[0], dtype=torch.long, device=loglik.device)}
+        chosen = {self.algorithm: torch.zeros(selection.shape[0], dtype=torch.long, device=selection.device)}
         if self.n_chains > 1:
-            chosen[f"{self.algorithm}_likelihood_of_{self.n_chains}"] = loglik.nan_to_num(nan=-torch.inf).argmax(dim=1)
+            chosen[f"{self.algorithm}_selected_of_{self.n_chains}"] = selection.nan_to_num(nan=-torch.inf).argmax(dim=1)
             chosen[f"{self.algorithm}_oracle_of_{self.n_chains}"] = chain_scores.mean(dim=2).argmax(dim=1)
         return chosen
 
-    def score(self, mix, references, indices, estimates, chosen, loglik, chain_scores):
+    def score(self, mix, references, indices, estimates, chosen, selection, chain_scores):
         alpha = self.separator.alpha
         mix_scores = si_sdr_of_mix(mix, references)  # [B, N]
         rows = []
@@ -106,7 +113,7 @@ class SeparationModule(pl.LightningModule):
                 row = {"index": index, "method": name, "chain": chain}
                 residual = mix[b] - (alpha.unsqueeze(-1) * estimate).sum(dim=0)
                 row["mix_error"] = float(residual.double().pow(2).mean())
-                row["loglik"] = float(loglik[b, chain].mean()) if chain is not None else None
+                row["selection_score"] = float(selection[b, chain].mean()) if chain is not None else None
                 self.add_scores(row, "si_sdr", scores)
                 self.add_scores(row, "si_sdri", scores - mix_scores[b])
                 if self.museval:
@@ -132,9 +139,14 @@ class SeparationModule(pl.LightningModule):
         trace = {
             "loglik": (reduce(self.trace_loglik.clone(), reduce_op="sum") / count).tolist(),
             "mix_error": (reduce(self.trace_mix_error.clone(), reduce_op="sum") / count).tolist(),
-            "level_sigmas": [level.sigma for level in self.separator.levels],
-            "steps_per_level": [level.steps for level in self.separator.levels],
+            "step_sigmas": [float(sigma) for sigma in self.separator.trace_sigmas],
         }
+        levels = getattr(self.separator, "levels", None)
+        if levels is not None:
+            trace["level_sigmas"] = [level.sigma for level in levels]
+            trace["steps_per_level"] = [level.steps for level in levels]
+        seconds = time.time() - self.started
+        audio_seconds = float(reduce(self.samples.clone(), reduce_op="sum")) / self.sample_rate
         nonfinite = int(reduce(self.nonfinite_steps.clone(), reduce_op="sum").item())
         rows = self.rows
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
@@ -145,8 +157,8 @@ class SeparationModule(pl.LightningModule):
         rows = sorted(rows, key=lambda row: (row["index"], order[row["method"]]))
         self.results = {
             "algorithm": self.algorithm, "sources": self.sources, "n_chains": self.n_chains,
-            "count": int(count.item()), "seconds": time.time() - self.started, "mixing": self.mixing,
-            "protocol": self.protocol,
+            "count": int(count.item()), "seconds": seconds, "seconds_per_audio_second": seconds / audio_seconds,
+            "selection": selection_kind(self.selection_prior), "mixing": self.mixing, "protocol": self.protocol,
             **({"window": self.window, "hop": self.hop} if self.protocol == "windowed" else {}),
             "nonfinite_prior_gradients": nonfinite, "summary": summarize(rows, self.method_names()),
             "rows": rows, "trace": trace,
@@ -155,6 +167,16 @@ class SeparationModule(pl.LightningModule):
             for metric in ("si_sdr", "si_sdri", "sdr", "si_sdri_windowed"):
                 if metric in stats:
                     self.log(f"separation/{name}/{metric}", stats[metric], rank_zero_only=True)
+
+
+def selection_kind(prior):
+    return "denoising score" if getattr(prior, "selection_score", None) is not None else "log_prob"
+
+
+def selection_scores(prior, x):
+    """How much the selection prior likes each source of each sample x [M, N, T]: [M, N], higher is better."""
+    select = getattr(prior, "selection_score", None)
+    return (select(x) if select is not None else prior.log_prob(x)).float()
 
 
 def summarize(rows, methods):

@@ -1,6 +1,7 @@
 """Separation end to end with tiny trained flow priors: the test loop, its files, DDP sharding, metrics
 checked against independent computations, which prior directory serves each level, the mixing taken from
-the dataset, and separating a user's file."""
+the dataset, separating a user's file, the diffusion sampler through the same loop, and a noise-conditional
+score family serving every level from its one run."""
 import csv
 import json
 import shutil
@@ -83,20 +84,24 @@ def si_sdr_from_correlation(estimate, reference):
 
 def test_separation_test_loop_writes_every_result(flow_run, main_run):
     results, out_dir = main_run
-    methods = ["average", "basis", "basis_likelihood_of_3", "basis_oracle_of_3"]
+    methods = ["average", "basis", "basis_selected_of_3", "basis_oracle_of_3"]
     assert list(results["summary"]) == methods
     rows = read_rows(out_dir)
     assert [(int(r["index"]), r["method"]) for r in rows] == [(i, m) for i in range(5) for m in methods]
     assert "si_sdri_windowed" not in rows[0]  # the full protocol unless asked
     summary = json.loads((out_dir / "summary.json").read_text())
     assert summary["trace"]["level_sigmas"] == [0.3, 0.0949, 0.03]
-    assert len(summary["trace"]["loglik"]) == 12
+    assert summary["trace"]["step_sigmas"] == [s for s in (0.3, 0.0949, 0.03) for _ in range(4)]
+    assert len(summary["trace"]["loglik"]) == 12 and all(np.isfinite(summary["trace"]["loglik"]))
+    assert summary["selection"] == "log_prob"
+    # Wall time per second of separated audio: 5 mixtures of 256 samples at 16 kHz.
+    assert summary["seconds_per_audio_second"] == pytest.approx(summary["seconds"] / (5 * 256 / 16000))
     # The toy data's mix is the mean of its sources, and the loop says so.
     assert summary["mixing"] == summary["config"]["mixing"] == {"kind": "mean", "alpha": [0.25] * 4,
                                                                  "from": "data.name=toy"}
     assert "Mixing: mean" in (out_dir / "summary.md").read_text()
     for name in ("summary.md", "trace.png", "config.yaml", "wav/00004/mix.wav", "wav/00000/reference_saw.wav",
-                 "wav/00003/basis_likelihood_of_3_triangle.wav", "wav/00001/average_sine.wav"):
+                 "wav/00003/basis_selected_of_3_triangle.wav", "wav/00001/average_sine.wav"):
         assert (out_dir / name).is_file(), name
     audio, rate = soundfile.read(out_dir / "wav/00002/basis_sine.wav")
     assert rate == 16000 and audio.shape == (256,)
@@ -159,7 +164,7 @@ def test_oracle_and_likelihood_choices_equal_an_independent_recomputation(flow_r
         assert float(oracle["si_sdr"]) == pytest.approx(means.max(), abs=1e-3)
         with torch.no_grad():
             loglik = selection.log_prob(samples).mean(dim=1)  # [C]: nats per sample, averaged over sources
-        assert loglik[int(chosen["basis_likelihood_of_3"]["chain"])] >= loglik.max() - 1e-5, loglik
+        assert loglik[int(chosen["basis_selected_of_3"]["chain"])] >= loglik.max() - 1e-5, loglik
         assert int(chosen["basis"]["chain"]) == 0
 
 
@@ -229,10 +234,12 @@ def cli(*args):
                           text=True, timeout=300)
 
 
-def test_ddp_sharded_separation_covers_each_mixture_once_and_equals_single_process(flow_run):
+@pytest.mark.parametrize("algorithm", ["basis", "diffusion"])
+def test_ddp_sharded_separation_covers_each_mixture_once_and_equals_single_process(flow_run, algorithm):
     config = load_config("toy_flow", "default", flow_run)
-    out_dir = experiment_dir(config) / "separation" / "ddp"
-    args = ["separate", *flow_run, "separation.museval=false", "separation.batch_size=1", "separation.name=ddp"]
+    out_dir = experiment_dir(config) / "separation" / f"ddp_{algorithm}"
+    args = ["separate", *flow_run, *(DIFFUSION if algorithm == "diffusion" else []), "separation.museval=false",
+            "separation.batch_size=1", f"separation.name=ddp_{algorithm}"]
     single = cli(*args)
     assert single.returncode == 0, single.stderr[-2000:]
     single_rows = read_rows(out_dir)
@@ -240,7 +247,7 @@ def test_ddp_sharded_separation_covers_each_mixture_once_and_equals_single_proce
     ddp = cli(*args, "trainer.devices=2", "trainer.strategy=ddp")
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     ddp_rows = read_rows(out_dir)
-    assert sorted(int(r["index"]) for r in ddp_rows if r["method"] == "basis") == list(range(5))
+    assert sorted(int(r["index"]) for r in ddp_rows if r["method"] == algorithm) == list(range(5))
     assert len(ddp_rows) == len(single_rows) == 20
     for a, b in zip(single_rows, ddp_rows):
         assert (a["index"], a["method"], a["chain"]) == (b["index"], b["method"], b["chain"])
@@ -344,6 +351,7 @@ def state_of(directory):
 def test_exact_levels_use_the_priors_fine_tuned_at_exactly_those_sigmas_in_the_basis_grid(exact_run):
     config = load_config("toy_flow", "default", exact_run)
     separator, selection, _, record = build_separator(config)
+    assert separator.score_model.sigmas == [0.3, 0.0949, 0.03]
     sigmas = [0.3, 0.0949, 0.03]
     directories = [prior_dir(config, s, "basis") for s in sigmas]
     assert record["prior_sigma_per_level"] == sigmas and [lv.sigma for lv in separator.levels] == sigmas
@@ -357,10 +365,10 @@ def test_exact_levels_use_the_priors_fine_tuned_at_exactly_those_sigmas_in_the_b
         assert any(not torch.equal(states[a][k], paper003[k]) for k in paper003)
         for b in range(a):
             assert any(not torch.equal(states[a][k], states[b][k]) for k in states[a])
-    for level, state in zip(separator.priors, states):
+    for level, state in zip(separator.score_model.priors, states):
         loaded = level.prior.state_dict()
         assert loaded.keys() == state.keys() and all(torch.equal(loaded[k], state[k]) for k in state)
-    assert selection is separator.priors[-1]
+    assert selection is separator.score_model.priors[-1]
 
 
 def test_a_missing_basis_level_is_a_clear_error_even_when_make_finetune_noise_has_it(flow_run):
@@ -437,3 +445,124 @@ def test_separate_file_takes_the_datasets_mixing_and_records_it(flow_run, tmp_pa
     written = json.loads((out_dir / "separation.json").read_text())
     assert written["mixing"] == expected
     assert written["prior_dir_per_level"][0] == str(prior_dir(config, 0.3))
+
+
+# Four noise levels 1.0 -> 0.01 (then a last step to 0), Heun: 7 score calls per mixture batch.
+DIFFUSION = ["separation.algorithm=diffusion", "separation.diffusion_steps=4", "separation.diffusion_sigma_max=1.0",
+             "separation.diffusion_sigma_min=0.01"]
+
+
+@pytest.fixture(scope="module")
+def diffusion_run(flow_run):
+    return run_separation(load_config("toy_flow", "default", flow_run + DIFFUSION + ["separation.n_test=3"]))
+
+
+def test_diffusion_runs_through_the_separation_loop_on_every_finished_level(flow_run, diffusion_run):
+    results, out_dir = diffusion_run
+    config = load_config("toy_flow", "default", flow_run + DIFFUSION)
+    methods = ["average", "diffusion", "diffusion_selected_of_3", "diffusion_oracle_of_3"]
+    assert list(results["summary"]) == methods
+    rows = read_rows(out_dir)
+    assert [(int(r["index"]), r["method"]) for r in rows] == [(i, m) for i in range(3) for m in methods]
+    # The Dirac constraint: every estimate mixes back to its mixture (float rounding only), where the
+    # chains start as N(0, 1) noise far from it.
+    for row in rows:
+        assert float(row["mix_error"]) < 1e-10, row
+    for index in range(3):
+        wav = out_dir / "wav" / f"{index:05d}"
+        estimate = np.stack([read_wav(wav / f"diffusion_{s}.wav") for s in config.data.sources])
+        np.testing.assert_allclose(estimate.mean(axis=0), read_wav(wav / "mix.wav"), atol=1e-4)
+    summary = json.loads((out_dir / "summary.json").read_text())
+    separator, selection, _, record = build_separator(config)
+    trace = summary["trace"]
+    assert trace["step_sigmas"] == separator.trace_sigmas and len(trace["mix_error"]) == separator.n_steps
+    assert "level_sigmas" not in trace and all(np.isnan(trace["loglik"]))  # the sampler keeps no likelihood
+    assert (out_dir / "trace.png").is_file()
+    # Every finished level of either layout serves the schedule (BASIS grid first), the noiseless the selection.
+    grids = {0.3: "paper003", 0.0949: "basis", 0.03: "basis", 0.0: "noiseless"}
+    assert summary["config"]["prior_sigma_per_level"] == list(grids) == separator.score_model.sigmas
+    assert summary["config"]["prior_grid_per_level"] == list(grids.values())
+    assert summary["config"]["prior_dir_per_level"] == [str(prior_dir(config, s, g)) for s, g in grids.items()]
+    assert summary["config"]["selection_prior_dir"] == str(prior_dir(config, 0.0))
+    assert selection is separator.score_model.priors[-1] and summary["selection"] == "log_prob"
+    # The diffusion sampler's options reach it.
+    assert separator.sigmas == pytest.approx([1.0, 0.2934, 0.0663, 0.01, 0.0], abs=1e-4)
+    assert separator.solver == "heun" and separator.constraint == "dirac"
+
+
+def test_diffusion_asks_the_nearest_finished_level_for_each_sigma(flow_run):
+    separator = build_separator(load_config("toy_flow", "default", flow_run + DIFFUSION))[0]
+    levels = separator.score_model
+    # The schedule's own sigmas, and the noiseless prior standing at 1e-4 on the log axis.
+    asked = {1.0: 0.3, 0.2934: 0.3, 0.0663: 0.0949, 0.0949: 0.0949, 0.01: 0.03, 1e-3: 0.0, 0.0: 0.0}
+    for sigma, served in asked.items():
+        assert levels.prior_for(sigma) is levels.priors[levels.sigmas.index(served)], sigma
+
+
+def test_separate_file_runs_the_diffusion_sampler(flow_run, tmp_path):
+    mix = tmp_path / "song.wav"
+    write_mix(mix, rate=16000)
+    config = load_config("toy_flow", "default", flow_run + DIFFUSION + ["separation.n_chains=2"])
+    out_dir, info = separate_file(config, mix, tmp_path / "out")
+    assert info["n_chunks"] == 7 and info["selection"] == "log_prob" and info["mix_error"] < 1e-10
+    assert len(info["selection_score_per_chunk"]) == 7
+
+
+SCORE_MODEL = {"name": "score", "width": 8, "n_layers": 2, "embed_dim": 8}
+
+
+@pytest.fixture(scope="module")
+def score_run(tmp_path_factory):
+    """A noise-conditional run: its noiseless checkpoint only (untrained weights: these tests check the
+    wiring, not the quality), no fine-tuned level anywhere."""
+    from lightning_modules.prior_module import PriorModule
+
+    root = tmp_path_factory.mktemp("score") / "runs"
+    # toy_flow's data and separation settings; its flow options unset, as the score family has none of them.
+    overrides = ([o for o in TINY if not o.startswith("model.")] + SEPARATION + [f"output_root={root}"]
+                 + [f"model.{k}=null" for k in ("n_blocks", "n_flows")]
+                 + [f"model.{k}={v}" for k, v in SCORE_MODEL.items()])
+    config = load_config("toy_flow", "default", overrides)
+    torch.manual_seed(0)
+    module = PriorModule(model=SCORE_MODEL, sources=list(config.data.sources))
+    directory = prior_dir(config, 0.0)
+    directory.mkdir(parents=True)
+    torch.save({"hyper_parameters": dict(module.hparams), "state_dict": module.state_dict()}, directory / "last.ckpt")
+    mark_done(directory, {"noise_sigma": 0.0, "stand_in": True})
+    return overrides
+
+
+@pytest.mark.parametrize("algorithm", ["basis", "sgld", "diffusion"])
+def test_a_noise_conditional_family_serves_every_level_from_its_noiseless_run(score_run, algorithm):
+    options = [*DIFFUSION[1:], f"separation.algorithm={algorithm}", "separation.prior_levels=exact",
+               "separation.sgld_steps=4"]
+    config = load_config("toy_flow", "default", score_run + options)
+    separator, selection, _, record = build_separator(config)
+    assert record["prior_grid_per_level"] == ["noise-conditional"]
+    assert record["prior_dir_per_level"] == [str(prior_dir(config, 0.0))] == [record["selection_prior_dir"]]
+    assert separator.score_model is selection and selection.noise_conditional
+    assert record["selection"] == "denoising score"
+    mix = 0.1 * torch.randn(1, 256, generator=torch.Generator().manual_seed(0))
+    samples, trace = separator(mix, 2, [0])
+    assert samples.shape == (1, 2, 4, 256) and torch.isfinite(samples).all()
+    assert trace["loglik"].isnan().all() and trace["mix_error"].shape == (1, separator.n_steps)
+
+
+def test_the_selected_chain_is_the_score_familys_denoising_choice(score_run):
+    # One mixture per batch: ScorePrior.selection_score draws its fixed noise for the whole batch, so a
+    # chain's score depends on its place in the batch, and the rerun below has the 3 chains alone.
+    options = ["separation.n_test=2", "separation.batch_size=1", "separation.museval=false"]
+    config = load_config("toy_flow", "default", score_run + DIFFUSION + options)
+    results, out_dir = run_separation(config)
+    assert results["selection"] == "denoising score"
+    rows = read_rows(out_dir)
+    selection = build_separator(config)[1]
+    for index in range(2):
+        samples, _, _ = chains_of(config, out_dir, index)
+        with torch.no_grad():
+            scores = selection.prior.selection_score(samples).mean(dim=1)  # [C]
+        chosen = {r["method"]: r for r in rows if int(r["index"]) == index}
+        assert np.ptp(scores.numpy()) > 0  # the chains differ, so the choice means something
+        assert int(chosen["diffusion_selected_of_3"]["chain"]) == int(scores.argmax())
+        written = float(chosen["diffusion_selected_of_3"]["selection_score"])
+        assert written == pytest.approx(float(scores.max()), rel=1e-4)

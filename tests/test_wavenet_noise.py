@@ -8,6 +8,7 @@ from torch import nn
 from datamodules.toy_waveforms import toy_example
 from experiments.run_layout import basis_sigmas
 from lightning_modules.langevin import LangevinSeparator, basis_levels, mixing_weights
+from lightning_modules.level_score import LevelScore
 from lightning_modules.nn.wavenet import WaveNet, WaveNetConfig
 from lightning_modules.prior_module import PriorModule
 
@@ -76,7 +77,7 @@ def test_basis_stays_bounded_and_fits_the_mixture_at_every_level(one_thread):
         torch.manual_seed(0)
         priors.append(Recorder(PriorModule(model=SMOOTHED, sources=SOURCES, noise_sigma=sigma).prior.eval()))
     mix = toy_batch([3], length=64).mean(dim=1)  # [1, T]
-    separator = LangevinSeparator(priors, levels, mixing_weights("mean", len(SOURCES)))
+    separator = LangevinSeparator(LevelScore(zip(sigmas, priors)), levels, mixing_weights("mean", len(SOURCES)))
     x, trace = separator(mix, n_chains=2, seeds=[0])
     errors = trace["mix_error"][0].view(len(levels), -1)  # [level, step]
     end_errors = errors[:, -10:].mean(dim=1)

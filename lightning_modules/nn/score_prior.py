@@ -129,11 +129,12 @@ class ScorePrior(nn.Module):
 
     def selection_score(self, x):
         """Minus the mean weighted denoising loss over SELECTION_SIGMAS (fixed noise): higher is more likely."""
+        # One noise draw shared by every item, so an item's score does not depend on its batch or rank.
         generator = torch.Generator(device=x.device).manual_seed(0)
         total = 0
         for sigma in SELECTION_SIGMAS:
-            noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-            total = total + self.weighted_denoising_loss(x, self._sigma(sigma, x), noise)
+            noise = torch.randn((1, *x.shape[1:]), generator=generator, device=x.device, dtype=x.dtype)
+            total = total + self.weighted_denoising_loss(x, self._sigma(sigma, x), noise.expand_as(x))
         return -total / len(SELECTION_SIGMAS)
 
     @property

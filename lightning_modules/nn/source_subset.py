@@ -1,8 +1,12 @@
 """Scores a subset of a prior family's sources, e.g. a 2-source mixture with 4-source toy priors.
 
 The priors of a family share one grouped module but are independent, so the unused sources can be
-filled with zeros: their log-likelihood is dropped and no gradient reaches the kept sources from them.
-It costs the compute of the unused groups, and needs no change to any family.
+filled with zeros: their log-likelihood (or score, denoised signal, selection score) is dropped and no
+gradient reaches the kept sources from them. It costs the compute of the unused groups, and needs no
+change to any family.
+
+``score``, ``denoise`` and ``selection_score`` exist exactly when the wrapped family has them, so a
+caller's ``getattr(prior, "selection_score", None)`` sees through the wrapper.
 """
 import torch
 from torch import nn
@@ -20,10 +24,40 @@ class SourceSubset(nn.Module):
         self.register_buffer("indices", torch.tensor(indices))
         self.is_all = indices == list(range(self.n_total))  # decided once, not at every Langevin step
         self.noise_sigma = getattr(prior, "noise_sigma", 0.0)
+        self.noise_conditional = getattr(prior, "noise_conditional", False)
+        self.length_multiple = getattr(prior, "length_multiple", 1)
+
+    def full(self, x):
+        """x [B, n_kept, T] -> [B, n_total, T] with zeros for the other sources."""
+        if self.is_all:
+            return x
+        return x.new_zeros(x.shape[0], self.n_total, x.shape[2]).index_copy(1, self.indices, x)
+
+    def kept(self, out):
+        """The kept sources' entries of a per-source output ([B, n_total] or [B, n_total, T])."""
+        return out if self.is_all else out[:, self.indices]
 
     def log_prob(self, x):
-        if self.is_all:
-            return self.prior.log_prob(x)
-        full = x.new_zeros(x.shape[0], self.n_total, x.shape[2])
-        full = full.index_copy(1, self.indices, x)
-        return self.prior.log_prob(full)[:, self.indices]
+        return self.kept(self.prior.log_prob(self.full(x)))
+
+    def wrapped(self, name):
+        """The family's own method ``name``, or an AttributeError (which makes hasattr/getattr say no)."""
+        method = getattr(self.prior, name, None)
+        if method is None:
+            raise AttributeError(f"{type(self.prior).__name__} has no {name}")
+        return method
+
+    @property
+    def score(self):
+        method = self.wrapped("score")
+        return lambda x, sigma: self.kept(method(self.full(x), sigma))
+
+    @property
+    def denoise(self):
+        method = self.wrapped("denoise")
+        return lambda x, sigma: self.kept(method(self.full(x), sigma))
+
+    @property
+    def selection_score(self):
+        method = self.wrapped("selection_score")
+        return lambda x: self.kept(method(self.full(x)))

@@ -1,0 +1,183 @@
+"""The separation league table: every trained family and sampler on the same fixed toy test mixtures.
+
+    python -m experiments.separation_table [preset=default] [output_root=runs] [entries=a,b] [key=value ...]
+
+The fixed set is the first ``separation.n_test`` (32) toy test mixtures of ``separation.length`` (4096)
+samples: toy test example i does not depend on the run seed, and a source subset (sine + square) keeps
+the waveforms it has in the 4-source mixture. Each entry is one (family, sampler) run through the same
+separation test loop as ``make separate-toy`` (its own folder under ``<run>/separation/table_*``); an
+entry whose priors are not trained is listed as skipped, with the command that trains them. The key=value
+overrides apply to every entry (e.g. ``separation.n_test=4`` for a quick look). Writes, under
+``<output_root>/separation_table/``: table.csv, table.md, table.png, table.json (with every entry's
+resolved overrides and output folder).
+"""
+import json
+import logging
+import sys
+from pathlib import Path
+
+from datamodules.atomic_io import atomic_write, atomic_write_text
+from experiments.config import ConfigError, load_config
+
+log = logging.getLogger(__name__)
+
+FIXED_SET = ["separation.n_test=32", "separation.length=4096", "separation.n_chains=4", "separation.seed=0"]
+# (entry name, experiment, overrides). BASIS runs 10 levels x 20 steps (paper 004: x 100) with delta
+# scaled so eta_L x steps is the paper's; the flow takes its nearest fine-tuned levels.
+ENTRIES = {
+    "diffusion-score": ("toy_score", ["separation.algorithm=diffusion"]),
+    "basis-score": ("toy_score", ["separation.algorithm=basis", "separation.steps_per_level=20",
+                                  "separation.delta=1e-4"]),
+    "basis-flow": ("toy_flow", ["separation.algorithm=basis", "separation.steps_per_level=20",
+                                "separation.delta=1e-4", "separation.prior_levels=nearest",
+                                "separation.batch_size=8"]),
+    "diffusion-flow": ("toy_flow", ["separation.algorithm=diffusion", "separation.batch_size=8"]),
+}
+DEFAULT_ENTRIES = ["diffusion-score", "basis-score", "basis-flow"]
+MIXTURES = {"4 sources": None, "sine + square": "sine,square"}
+VARIANTS = (("", "one sample"), ("_selected_of_", "selected of C"), ("_oracle_of_", "oracle of C"))
+
+
+def parse(argv):
+    special, overrides = {"preset": "default", "output_root": "runs", "entries": ",".join(DEFAULT_ENTRIES)}, []
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if not sep:
+            raise ConfigError(f"arguments look like key=value; got {arg!r}")
+        if key in special:
+            special[key] = value
+        else:
+            overrides.append(arg)
+    entries = [e for e in special["entries"].split(",") if e]
+    unknown = [e for e in entries if e not in ENTRIES]
+    if unknown:
+        raise ConfigError(f"unknown table entries {unknown}; choose from {list(ENTRIES)}")
+    return special, entries, overrides
+
+
+def entry_overrides(entry, sources, special, overrides):
+    experiment, own = ENTRIES[entry]
+    subset = [f"separation.sources=[{sources}]"] if sources else []
+    name = f"separation.name=table_{entry}_{'-'.join(sources.split(',')) if sources else 'all'}"
+    return experiment, [f"output_root={special['output_root']}", *FIXED_SET, *own, *subset, name, *overrides]
+
+
+def run_entry(entry, sources, special, overrides):
+    """The entry's separation results, or a {"skipped": reason} dict when its priors are not trained."""
+    from experiments.separate import run_separation
+
+    experiment, entry_args = entry_overrides(entry, sources, special, overrides)
+    config = load_config(experiment, special["preset"], entry_args)
+    try:
+        results, out_dir = run_separation(config)
+    except FileNotFoundError as error:
+        log.warning("%s skipped: %s", entry, error)
+        return {"skipped": str(error).split(";")[0], "overrides": entry_args}
+    return {"results": results, "out_dir": str(out_dir), "overrides": entry_args, "experiment": experiment}
+
+
+def table_rows(outcomes):
+    """One row per (mixtures, method, variant); Average once per mixture set (every entry scores the same)."""
+    rows = []
+    for mixtures, entries in outcomes.items():
+        done = {name: o for name, o in entries.items() if "results" in o}
+        if done:
+            first = next(iter(done.values()))["results"]
+            rows.append(make_row(mixtures, "average", "", first["summary"]["average"], None))
+        for name, outcome in entries.items():
+            if "results" not in outcome:
+                rows.append({"mixtures": mixtures, "method": name, "variant": "skipped: " + outcome["skipped"]})
+                continue
+            results = outcome["results"]
+            for suffix, variant in VARIANTS:
+                key = results["algorithm"] + (f"{suffix}{results['n_chains']}" if suffix else "")
+                if key in results["summary"]:
+                    per_second = results.get("seconds_per_audio_second") if not suffix else None
+                    rows.append(make_row(mixtures, name, variant, results["summary"][key], per_second))
+    return rows
+
+
+def make_row(mixtures, method, variant, stats, seconds_per_audio_second):
+    return {"mixtures": mixtures, "method": method, "variant": variant or "-", "count": stats.get("count"),
+            "si_sdr": stats.get("si_sdr"), "si_sdri": stats.get("si_sdri"), "sdr": stats.get("sdr"),
+            "seconds_per_audio_second": seconds_per_audio_second}
+
+
+def fmt(value, digits=2):
+    return "" if value is None else f"{value:.{digits}f}"
+
+
+def markdown(rows, preset):
+    lines = [f"# Separation league table (preset {preset})", "",
+             "The first 32 toy test mixtures of 4096 samples (mean mixing), 4 chains each; means over mixtures, dB.",
+             "selected of C: the chain the method's own prior ranks highest (log-likelihood for flows, the denoising "
+             "score for score priors); oracle of C: the chain with the best mean SI-SDR against the references "
+             "(an upper bound, the only rows that see them). Wall time: seconds per second of mixture audio "
+             "(all C chains), on the machine that ran it.", "",
+             "| mixtures | method | variant | SI-SDR | SI-SDRi | SDR (v4) | s per s of audio |", "|---|---|---|---|---|---|---|"]
+    for row in rows:
+        lines.append(f"| {row['mixtures']} | {row['method']} | {row['variant']} | {fmt(row.get('si_sdr'))} | "
+                     f"{fmt(row.get('si_sdri'))} | {fmt(row.get('sdr'))} | {fmt(row.get('seconds_per_audio_second'), 1)} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows, stream):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sets = list(dict.fromkeys(r["mixtures"] for r in rows))
+    fig, axes = plt.subplots(1, len(sets), figsize=(6 * len(sets), 4), squeeze=False)
+    for ax, mixtures in zip(axes[0], sets):
+        scored = [r for r in rows if r["mixtures"] == mixtures and r.get("si_sdri") is not None]
+        labels = [r["method"] if r["variant"] == "-" else f"{r['method']}\n{r['variant']}" for r in scored]
+        values = [r["si_sdri"] for r in scored]
+        ax.barh(range(len(values)), values, color=["C1" if "oracle" in lb else "C0" for lb in labels])
+        ax.set_yticks(range(len(values)), labels, fontsize=7)
+        ax.invert_yaxis()
+        ax.axvline(0, color="k", linewidth=0.8)
+        ax.set_xlabel("SI-SDRi (dB)")
+        ax.set_title(mixtures)
+    fig.tight_layout()
+    fig.savefig(stream, format="png", dpi=110)
+    plt.close(fig)
+
+
+def write_table(rows, outcomes, out_dir, preset):
+    import csv
+
+    out_dir = Path(out_dir)
+    columns = ["mixtures", "method", "variant", "count", "si_sdr", "si_sdri", "sdr", "seconds_per_audio_second"]
+
+    def write_csv(stream):
+        writer = csv.DictWriter(stream, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+
+    atomic_write(out_dir / "table.csv", write_csv)
+    atomic_write_text(out_dir / "table.md", markdown(rows, preset))
+    atomic_write(out_dir / "table.png", lambda stream: plot(rows, stream), binary=True)
+    record = {mixtures: {name: {k: v for k, v in o.items() if k != "results"} for name, o in entries.items()}
+              for mixtures, entries in outcomes.items()}
+    atomic_write_text(out_dir / "table.json", json.dumps({"preset": preset, "rows": rows, "entries": record}, indent=2))
+
+
+def main(argv=None):
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        special, entries, overrides = parse(sys.argv[1:] if argv is None else argv)
+        outcomes = {mixtures: {e: run_entry(e, sources, special, overrides) for e in entries}
+                    for mixtures, sources in MIXTURES.items()}
+    except (ConfigError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    rows = table_rows(outcomes)
+    out_dir = Path(special["output_root"]) / "separation_table"
+    write_table(rows, outcomes, out_dir, special["preset"])
+    print((out_dir / "table.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
