@@ -4,6 +4,12 @@ Pure functions over the plain ``results`` dict, so a report can be rebuilt
 offline from a saved JSON without Lightning or a GPU.  Values may be -inf/nan
 (a diverged prior) or hugely negative; nothing here may crash on them, since a
 broken prior is exactly what the report must expose.
+
+A noise-conditional family (score priors) adds ``results["denoising_loss"]``: per sigma, the matrix
+``mse[k][j]`` of prior j's denoising MSE on source k (lower = better; not a likelihood). It goes into the
+same CSV (kind ``denoising_mse``: sigma_model = sigma_data = the denoising sigma and the last column holds
+the MSE, not a log-likelihood), the JSON, ``denoising_loss.png`` (one heatmap per sigma), summary.md and
+W&B. ``results["likelihood_method"]``, when given, is stated under every likelihood table of summary.md.
 """
 from __future__ import annotations
 
@@ -122,7 +128,31 @@ def long_rows(results: Mapping[str, Any]) -> list[dict]:
         v = _as_array(entry["loglik"], (n,), "inputs_table[].loglik")
         for j, prior in enumerate(sources):
             add("inputs", str(entry["input"]), prior, float(entry["sigma_model"]), None, float(v[j]))
+    if results.get("denoising_loss"):
+        sigmas, mse = _denoising(results)
+        for s, sigma in enumerate(sigmas):
+            for k, src in enumerate(sources):
+                for j, prior in enumerate(sources):
+                    add(DENOISING_KIND, src, prior, sigma, sigma, float(mse[s, k, j]))
     return rows
+
+
+DENOISING_KIND = "denoising_mse"  # CSV rows whose last column is a denoising MSE, not a log-likelihood
+
+
+def _denoising(results: Mapping[str, Any]) -> tuple[list[float], np.ndarray]:
+    block = results["denoising_loss"]
+    sigmas = [float(s) for s in block["sigmas"]]
+    n = len(results["sources"])
+    return sigmas, _as_array(block["mse"], (len(sigmas), n, n), "denoising_loss.mse")
+
+
+def denoising_margins(results: Mapping[str, Any]) -> list[dict]:
+    """discrimination_margins of -MSE per sigma: positive when each source is denoised best by its own prior."""
+    if not results.get("denoising_loss"):
+        return []
+    sigmas, mse = _denoising(results)
+    return [{"sigma": sigma, **discrimination_margins(-mse[s], results["sources"])} for s, sigma in enumerate(sigmas)]
 
 
 def _write_csv(rows: list[dict], fh: IO[str]) -> None:
@@ -157,16 +187,21 @@ def _write_json(payload: Any, fh: IO[str]) -> None:
     fh.write(json.dumps(_jsonable(payload), indent=2, allow_nan=False) + "\n")
 
 
-def _heatmap(ax, data: np.ndarray, norm, row_labels, col_labels, fontsize: float) -> Any:
+def _heatmap(ax, data: np.ndarray, norm, row_labels, col_labels, fontsize: float,
+             reverse: bool = False) -> Any:
+    """reverse: low values bright (a loss), so that bright always means "explains the data better"."""
     import matplotlib
 
-    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="lightgray")
+    cmap = matplotlib.colormaps["viridis_r" if reverse else "viridis"].with_extremes(bad="lightgray")
     im = ax.imshow(np.ma.masked_invalid(data), cmap=cmap, norm=norm, aspect="auto")
     ax.set_xticks(range(len(col_labels)), [str(c) for c in col_labels], rotation=45, ha="right")
     ax.set_yticks(range(len(row_labels)), [str(r) for r in row_labels])
     for (i, j), v in np.ndenumerate(data):
         # viridis is dark at the low end; masked cells are light grey.
-        color = "white" if math.isfinite(v) and float(norm(v)) <= 0.6 else "black"
+        color = "black"
+        if math.isfinite(v):
+            shade = 1.0 - float(norm(v)) if reverse else float(norm(v))
+            color = "white" if shade <= 0.6 else "black"
         ax.text(j, i, _fmt_cell(float(v)), ha="center", va="center", color=color, fontsize=fontsize)
     return im
 
@@ -240,6 +275,30 @@ def _plot_noise_grid(results: Mapping[str, Any], fh: IO[bytes]) -> None:
     _save_png(fig, fh)
 
 
+def plot_denoising(results: Mapping[str, Any], fh: IO[bytes]) -> None:
+    """One heatmap per denoising sigma, in a row, each on its own linear scale (the MSE grows with sigma)."""
+    from matplotlib.colors import Normalize
+
+    sources = [str(s) for s in results["sources"]]
+    n = len(sources)
+    sigmas, mse = _denoising(results)
+    side = 1.0 + 0.9 * n
+    fig = _figure((side * len(sigmas) + 1.0, side + 1.0))
+    axes = fig.subplots(1, len(sigmas), squeeze=False).ravel()
+    fontsize = max(5.0, min(9.0, 36.0 / n))
+    for ax, sigma, m in zip(axes, sigmas, mse):
+        finite = m[np.isfinite(m)]
+        low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+        norm = Normalize(vmin=low, vmax=high if high > low else low + 1e-12)
+        im = _heatmap(ax, m, norm, sources, sources, fontsize, reverse=True)
+        ax.set_title(f"sigma={sigma:g}", fontsize=10)
+        ax.set(xlabel="prior", ylabel="data source")
+        fig.colorbar(im, ax=ax, shrink=0.7)
+    fig.suptitle("denoising MSE ||D_j(x_k + sigma eps, sigma) - x_k||^2 / T (lower = better; not a likelihood)",
+                 fontsize=10)
+    _save_png(fig, fh)
+
+
 def _md_escape(s: Any) -> str:
     return str(s).replace("|", "\\|")
 
@@ -256,6 +315,10 @@ def _summary_md(results: Mapping[str, Any], margins: list[dict]) -> str:
     names = [_md_escape(s) for s in sources]
     quantity = ("LATENT TERM ONLY (no log-determinants; the thesis code's quantity, not a density)"
                 if results.get("latent_only") else "full log-likelihood (base density + every log-det)")
+    method = results.get("likelihood_method")
+    if method and not results.get("latent_only") and not str(method).startswith("exact (change of variables)"):
+        quantity = "log-likelihood"  # log-dets are flow language
+    method_line = [f"log-likelihood by: {_md_escape(method)}", ""] if method else []
     out = ["# Cross-likelihood report", "",
            f"Mean {quantity} in nats per audio sample; rows are data sources, columns are priors.", ""]
     for entry, mg in zip(results.get("matrices") or [], margins):
@@ -266,7 +329,7 @@ def _summary_md(results: Mapping[str, Any], margins: list[dict]) -> str:
         out += [head, ""]
         body = [[names[k]] + [(f"**{_fmt_md(m[k, j])}**" if j == k else _fmt_md(m[k, j]))
                               for j in range(n)] for k in range(n)]
-        out += _md_table(["data / prior"] + names, body) + [""]
+        out += _md_table(["data / prior"] + names, body) + [""] + method_line
         body = [[names[k], _fmt_md(mg["row_margin"][s]), _fmt_md(mg["column_margin"][s])]
                 for k, s in enumerate(sources)]
         out += _md_table(["source", "row margin", "column margin"], body) + [""]
@@ -276,7 +339,7 @@ def _summary_md(results: Mapping[str, Any], margins: list[dict]) -> str:
         sms, sds, mean = _grid_mean(results)
         out += ["## Noise grid (own-source data, mean over sources)", ""]
         body = [[f"{sm:g}"] + [_fmt_md(v) for v in mean[a]] for a, sm in enumerate(sms)]
-        out += _md_table(["sigma_model / sigma_data"] + [f"{s:g}" for s in sds], body) + [""]
+        out += _md_table(["sigma_model / sigma_data"] + [f"{s:g}" for s in sds], body) + [""] + method_line
     if results.get("inputs_table"):
         out += ["## Synthetic inputs", ""]
         body = []
@@ -284,16 +347,28 @@ def _summary_md(results: Mapping[str, Any], margins: list[dict]) -> str:
             v = _as_array(entry["loglik"], (n,), "inputs_table[].loglik")
             body.append([_md_escape(entry["input"]), f"{float(entry['sigma_model']):g}"]
                         + [_fmt_md(x) for x in v])
-        out += _md_table(["input", "sigma_model"] + names, body) + [""]
+        out += _md_table(["input", "sigma_model"] + names, body) + [""] + method_line
+    if results.get("denoising_loss"):
+        sigmas, mse = _denoising(results)
+        label = results["denoising_loss"].get("label") or "denoising MSE (lower = better); not a likelihood"
+        out += ["## Denoising loss (not a likelihood)", "",
+                f"Mean {_md_escape(label)}; rows are data sources (clean test examples), columns are priors.", ""]
+        for (s, sigma), mg in zip(enumerate(sigmas), denoising_margins(results)):
+            out += [f"### sigma={sigma:g}", ""]
+            body = [[names[k]] + [(f"**{_fmt_md(mse[s, k, j])}**" if j == k else _fmt_md(mse[s, k, j]))
+                                  for j in range(n)] for k in range(n)]
+            out += _md_table(["data / prior"] + names, body) + [""]
+            verdict = "yes" if mg["discriminates"] else "no"
+            out += [f"lowest on the diagonal: {verdict} (min margin {_fmt_md(mg['min_margin'])})", ""]
     return "\n".join(out)
 
 
 def write_report(results: Mapping[str, Any], out_dir: str | os.PathLike,
                  config: dict | None = None) -> dict[str, Path]:
-    """Write csv, json, matrices.png, noise_grid.png (if any) and summary.md.
+    """Write csv, json, matrices.png, noise_grid.png and denoising_loss.png (if any) and summary.md.
 
-    Returns {"csv", "json", "matrices", "noise_grid", "summary"} -> Path, with
-    only the files actually written (no matrices / no noise grid -> no PNG).
+    Returns {"csv", "json", "matrices", "noise_grid", "denoising_loss", "summary"} -> Path, with
+    only the files actually written (no matrices / no noise grid / no denoising loss -> no PNG).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -302,8 +377,11 @@ def write_report(results: Mapping[str, Any], out_dir: str | os.PathLike,
     paths: dict[str, Path] = {}
     paths["csv"] = atomic_write(out / "cross_likelihood.csv", lambda fh: _write_csv(rows, fh))
     payload = {**results, "margins": margins, "config": config}
+    if results.get("denoising_loss"):
+        payload["denoising_loss_margins"] = denoising_margins(results)
     paths["json"] = atomic_write(out / "cross_likelihood.json", lambda fh: _write_json(payload, fh))
-    for key, plot in (("matrices", plot_matrices), ("noise_grid", _plot_noise_grid)):
+    for key, plot in (("matrices", plot_matrices), ("noise_grid", _plot_noise_grid),
+                      ("denoising_loss", plot_denoising)):
         if results.get(key):
             paths[key] = atomic_write(out / f"{key}.png", lambda fh, p=plot: p(results, fh), binary=True)
     text = _summary_md(results, margins)
@@ -321,7 +399,7 @@ def log_to_wandb(results: Mapping[str, Any], run: Any, *,
     rows = long_rows(results)
     table = wandb.Table(columns=list(COLUMNS), data=[[r[c] for c in COLUMNS] for r in rows])
     payload: dict[str, Any] = {f"{prefix}/table": table}
-    for key in ("matrices", "noise_grid"):
+    for key in ("matrices", "noise_grid", "denoising_loss"):
         if paths and paths.get(key) is not None:
             payload[f"{prefix}/{key}"] = wandb.Image(os.fspath(paths[key]))
     for mg in _all_margins(results):

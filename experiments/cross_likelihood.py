@@ -1,16 +1,32 @@
 """The cross-likelihood experiment: every finished prior family of a run, scored on every source's
-test set, as a trainer ``test`` loop (see lightning_modules/cross_likelihood.py)."""
+test set, as a trainer ``test`` loop (see lightning_modules/cross_likelihood.py).
+
+A noise-conditional family (model.name=score) has no fine-tuned copies: its one noiseless run gives the
+model at every sigma_model as log p_sigma (lightning_modules/nn/noise_level_view.py), at 0 and paper 003's
+five levels by default, and adds the denoising-loss matrix at DENOISING_SIGMAS (paper 003's levels and
+1.0; a fixed list, not a config key)."""
+import dataclasses
 import logging
 
 from callbacks.cross_likelihood_callback import CrossLikelihoodReport
 from datamodules.registry import build_datamodule
 from experiments.config import ConfigError, to_dict
-from experiments.run_layout import (PAPER003_SIGMAS, canonical_sigma, experiment_dir, finished_sigmas, load_prior,
-                                    prior_dir)
+from experiments.run_layout import (PAPER003_SIGMAS, canonical_sigma, check_compatible, experiment_dir, finished_sigmas,
+                                    load_prior, prior_dir)
 from experiments.trainer_factory import run_test_loop
 from lightning_modules.cross_likelihood import CrossLikelihoodModule
+from lightning_modules.nn.noise_level_view import NoiseLevelView, ode_method
+from lightning_modules.prior_registry import is_noise_conditional
 
 log = logging.getLogger(__name__)
+
+# The denoising-loss matrix of a family with denoising_losses (score priors): paper 003's levels and 1.0.
+DENOISING_SIGMAS = (*PAPER003_SIGMAS, 1.0)
+# How the likelihood families compute log_prob (a family's own ``likelihood_method`` takes precedence).
+LIKELIHOOD_METHODS = {"flowavenet": "exact (change of variables)", "wavenet": "exact (autoregressive)"}
+# Settings of the likelihood computation only (not of the trained network): the configured ones apply,
+# whatever the checkpoint was trained with.
+INFERENCE_OPTIONS = ("ode_divergence", "ode_tolerance", "ode_probes")
 
 
 def resolve_sigmas(config):
@@ -21,11 +37,13 @@ def resolve_sigmas(config):
             f"no finished noiseless prior under {experiment_dir(config)}; run "
             f"make train EXPERIMENT={config.experiment} PRESET={config.preset} first"
         )
+    noise_conditional = is_noise_conditional(to_dict(config.model))
     if cl.sigmas_model == "all":
-        sigmas_model = available
+        # A noise-conditional family has every level in its noiseless run.
+        sigmas_model = [0.0, *PAPER003_SIGMAS] if noise_conditional else available
     else:
         sigmas_model = sorted({canonical_sigma(float(s)) for s in cl.sigmas_model})
-        missing = [s for s in sigmas_model if s not in available]
+        missing = [] if noise_conditional else [s for s in sigmas_model if s not in available]
         if missing:
             raise FileNotFoundError(
                 f"no finished prior for sigma {missing} under {experiment_dir(config)}; "
@@ -38,6 +56,22 @@ def resolve_sigmas(config):
     return sigmas_model, sigmas_data
 
 
+def load_noise_conditional(config):
+    """The noiseless run's prior, checked against the configured model except for INFERENCE_OPTIONS, which
+    are taken from the configuration (e.g. a looser model.ode_tolerance for a quick study)."""
+    directory = prior_dir(config, 0.0)
+    module = load_prior(directory, list(config.data.sources))
+    model = to_dict(config.model)
+    stored = dict(module.hparams["model"])
+    stored.update({key: model.get(key) for key in INFERENCE_OPTIONS})
+    check_compatible(directory / "last.ckpt", {"model": stored}, expected_model=model)
+    prior = module.prior
+    configured = {key: model[key] for key in INFERENCE_OPTIONS if model.get(key) is not None}
+    if configured:
+        prior.cfg = dataclasses.replace(prior.cfg, **configured)
+    return prior
+
+
 def run_cross_likelihood(config):
     cl = config.cross_likelihood
     if cl.latent_only and config.model.name != "flowavenet":
@@ -46,12 +80,24 @@ def run_cross_likelihood(config):
                           f"{config.model.name!r}: drop cross_likelihood.latent_only=true")
     sigmas_model, sigmas_data = resolve_sigmas(config)
     sources, model = list(config.data.sources), to_dict(config.model)
-    priors = [load_prior(prior_dir(config, s), sources, model).prior for s in sigmas_model]
+    if is_noise_conditional(model):
+        prior = load_noise_conditional(config)
+        priors = [NoiseLevelView(prior, s) for s in sigmas_model]
+        method = ode_method(prior.cfg, f"max(sigma_model, sigma_min={prior.cfg.sigma_min:g}) of one "
+                                       f"noise-conditional network")
+    else:
+        priors = [load_prior(prior_dir(config, s), sources, model).prior for s in sigmas_model]
+        prior = priors[0]
+        method = getattr(prior, "likelihood_method", None) or LIKELIHOOD_METHODS.get(model["name"])
+        if method and model["name"] == "wavenet":
+            method += f", {prior.cfg.likelihood} likelihood"
+    denoising_sigmas = list(DENOISING_SIGMAS) if hasattr(prior, "denoising_losses") else None
     out_dir = experiment_dir(config) / "cross_likelihood"
     module = CrossLikelihoodModule(
         priors, sigmas_model, sources, sigmas_data=sigmas_data, inputs=list(cl.inputs),
         n_input_examples=cl.n_input_examples, input_length=config.data.eval_length,
         latent_only=cl.latent_only, noise_seed=cl.noise_seed, table_sigma=PAPER003_SIGMAS[-1],
+        likelihood_method=method, denoising_sigmas=denoising_sigmas,
     )
     report = CrossLikelihoodReport(out_dir, to_dict(config))
     datamodule = build_datamodule(config.data, seed=config.seed, n_test=cl.n_test, output_root=config.output_root)

@@ -3,6 +3,11 @@
 Works for any prior family that keeps the contract ``log_prob(x: [B, N, T]) -> [B, N]``. Sums and
 counts (not per-rank means) are reduced across DDP ranks, and the noise added to example i depends
 only on i, so the result does not depend on the number of processes or the batch size.
+
+A family with ``denoising_losses(x, sigmas, seed) -> [S, B, N]`` (the score priors) also gets the cheap
+per-sigma denoising-loss matrix: ``mse[s][k][j]`` = mean over test examples of prior j's denoising MSE
+||D_j(x_k + sigma_s eps, sigma_s) - x_k||^2 / T on source k's clean example (noise fixed per example).
+It is not a likelihood, only a second view of which prior explains which source.
 """
 import math
 
@@ -11,6 +16,8 @@ import torch
 from torch import nn
 
 INPUT_KINDS = ("constant 0", "constant 1", "gaussian std 0.5")
+DENOISING_LABEL = ("denoising MSE ||D_j(x_k + sigma eps, sigma) - x_k||^2 / T (lower = prior j explains source k "
+                   "better); not a likelihood")
 
 
 def synthetic_input(kind, n_examples, n_sources, length, seed=0):
@@ -36,10 +43,15 @@ def example_noise(indices, shape, seed):
 class CrossLikelihoodModule(pl.LightningModule):
     """``priors[a]`` is the family fine-tuned at ``sigmas_model[a]`` (0 = noiseless). Table 1 scores the
     synthetic inputs under the noiseless model and the one at ``table_sigma`` (paper 003: 0.359), or the
-    largest sigma when that level is not among the models."""
+    largest sigma when that level is not among the models.
+
+    ``likelihood_method`` (a string, or None) is copied into the results so every table can say how its
+    log-likelihoods were computed. ``denoising_sigmas`` (or None) asks for the denoising-loss matrix, from
+    the noiseless model's ``denoising_losses`` on clean test data."""
 
     def __init__(self, priors, sigmas_model, sources, sigmas_data=(), inputs=INPUT_KINDS,
-                 n_input_examples=4, input_length=16384, latent_only=False, noise_seed=0, table_sigma=None):
+                 n_input_examples=4, input_length=16384, latent_only=False, noise_seed=0, table_sigma=None,
+                 likelihood_method=None, denoising_sigmas=None):
         super().__init__()
         if len(priors) != len(sigmas_model):
             raise ValueError("one sigma_model per prior family is needed")
@@ -55,7 +67,32 @@ class CrossLikelihoodModule(pl.LightningModule):
         self.register_buffer("matrix_sums", torch.zeros(n_models, n_sources, n_sources, dtype=torch.float64))
         self.register_buffer("grid_sums", torch.zeros(n_models, len(self.sigmas_data), n_sources, dtype=torch.float64))
         self.register_buffer("count", torch.zeros((), dtype=torch.float64))
+        self.likelihood_method = likelihood_method
+        self.denoising_sigmas = None if denoising_sigmas is None else [float(s) for s in denoising_sigmas]
+        if self.denoising_sigmas is not None:
+            if not hasattr(self.denoising_prior, "denoising_losses"):
+                raise ValueError(f"denoising_sigmas needs priors with denoising_losses; "
+                                 f"{type(self.denoising_prior).__name__} has none")
+            self.register_buffer("denoising_sums", torch.zeros(len(self.denoising_sigmas), n_sources, n_sources,
+                                                               dtype=torch.float64))
         self.results = None
+
+    @property
+    def denoising_prior(self):
+        """The noiseless model (every level of a noise-conditional family shares its denoiser)."""
+        return self.priors[self.sigmas_model.index(min(self.sigmas_model))]
+
+    def denoising_rows(self, x, indices):
+        """[S, N(data k), N(prior j)] summed over the batch: one call per example, all k and j at once, with
+        noise seeded by (noise_seed, example index) only."""
+        n_sources = x.shape[1]
+        sums = x.new_zeros(len(self.denoising_sigmas), n_sources, n_sources, dtype=torch.float64)
+        for example, index in zip(x, indices):
+            # Row k of the call is source k fed to every prior j.
+            as_every_source = example.unsqueeze(1).expand(-1, n_sources, -1)
+            seed = self.noise_seed * 1_000_003 + int(index)
+            sums += self.denoising_prior.denoising_losses(as_every_source, self.denoising_sigmas, seed=seed).double()
+        return sums
 
     def log_prob(self, prior, x):
         kwargs = {"latent_only": True} if self.latent_only else {}
@@ -64,6 +101,8 @@ class CrossLikelihoodModule(pl.LightningModule):
     def on_test_epoch_start(self):
         for buffer in (self.matrix_sums, self.grid_sums, self.count):
             buffer.zero_()
+        if self.denoising_sigmas is not None:
+            self.denoising_sums.zero_()
 
     def test_step(self, batch, batch_idx):
         x = batch["sources"]
@@ -77,6 +116,8 @@ class CrossLikelihoodModule(pl.LightningModule):
                 self.matrix_sums[a, k] += self.log_prob(prior, as_every_source).sum(dim=0)
             for b, sigma_data in enumerate(self.sigmas_data):
                 self.grid_sums[a, b] += self.log_prob(prior, x + sigma_data * noise).sum(dim=0)
+        if self.denoising_sigmas is not None:
+            self.denoising_sums += self.denoising_rows(x, batch["index"].tolist())
         self.count += batch_size
 
     def on_test_epoch_end(self):
@@ -102,7 +143,14 @@ class CrossLikelihoodModule(pl.LightningModule):
             } if self.sigmas_data else None,
             "inputs_table": self.inputs_table(),
             "inputs_table_sigmas": self.inputs_table_sigmas() if self.inputs else None,
+            "likelihood_method": self.likelihood_method,
         }
+        if self.denoising_sigmas is not None:
+            denoising_sums = reduce(self.denoising_sums.clone(), reduce_op="sum")
+            self.results["denoising_loss"] = {
+                "sigmas": self.denoising_sigmas, "mse": (denoising_sums / count).tolist(),
+                "label": DENOISING_LABEL, "count": int(count.item()),
+            }
         for a, s in enumerate(self.sigmas_model):
             diagonal = torch.diagonal(matrix_sums[a] / count)
             self.log(f"cross_likelihood/diagonal_mean_sigma_{s:g}", diagonal.mean().float(), rank_zero_only=True)
