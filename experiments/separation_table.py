@@ -7,7 +7,8 @@ samples: toy test example i does not depend on the run seed, and a source subset
 the waveforms it has in the 4-source mixture. Each entry is one (family, sampler) run through the same
 separation test loop as ``make separate-toy`` (its own folder under ``<run>/separation/table_*``); an
 entry whose priors are not trained is listed as skipped, with the command that trains them. The key=value
-overrides apply to every entry (e.g. ``separation.n_test=4`` for a quick look). Writes, under
+overrides apply to every entry (e.g. ``separation.n_test=4`` for a quick look); ``sets=all,sine-square``
+picks the mixture sets, and ``reuse=1`` takes an entry's finished separation folder instead of rerunning it. Writes, under
 ``<output_root>/separation_table/``: table.csv, table.md, table.png, table.json (with every entry's
 resolved overrides and output folder).
 """
@@ -35,11 +36,14 @@ ENTRIES = {
 }
 DEFAULT_ENTRIES = ["diffusion-score", "basis-score", "basis-flow"]
 MIXTURES = {"4 sources": None, "sine + square": "sine,square"}
+SET_KEYS = {"all": "4 sources", "sine-square": "sine + square"}
 VARIANTS = (("", "one sample"), ("_selected_of_", "selected of C"), ("_oracle_of_", "oracle of C"))
 
 
 def parse(argv):
-    special, overrides = {"preset": "default", "output_root": "runs", "entries": ",".join(DEFAULT_ENTRIES)}, []
+    special = {"preset": "default", "output_root": "runs", "entries": ",".join(DEFAULT_ENTRIES),
+               "sets": ",".join(SET_KEYS), "reuse": "0"}
+    overrides = []
     for arg in argv:
         key, sep, value = arg.partition("=")
         if not sep:
@@ -52,7 +56,22 @@ def parse(argv):
     unknown = [e for e in entries if e not in ENTRIES]
     if unknown:
         raise ConfigError(f"unknown table entries {unknown}; choose from {list(ENTRIES)}")
+    unknown_sets = [k for k in special["sets"].split(",") if k not in SET_KEYS]
+    if unknown_sets:
+        raise ConfigError(f"unknown sets {unknown_sets}; choose from {list(SET_KEYS)}")
     return special, entries, overrides
+
+
+def finished_results(out_dir, config):
+    """A finished earlier run of the same entry (the same resolved separation settings), or None."""
+    from experiments.config import to_dict
+
+    summary = Path(out_dir) / "summary.json"
+    if not summary.is_file():
+        return None
+    results = json.loads(summary.read_text())
+    same = (results.get("config") or {}).get("separation") == to_dict(config.separation)
+    return results if same else None
 
 
 def entry_overrides(entry, sources, special, overrides):
@@ -68,6 +87,16 @@ def run_entry(entry, sources, special, overrides):
 
     experiment, entry_args = entry_overrides(entry, sources, special, overrides)
     config = load_config(experiment, special["preset"], entry_args)
+    if special["reuse"] not in ("", "0", "false"):
+        from experiments.run_layout import experiment_dir
+        from experiments.separate import output_name, separation_sources
+
+        out_dir = experiment_dir(config) / "separation" / output_name(config, separation_sources(config))
+        results = finished_results(out_dir, config)
+        if results is not None:
+            log.info("%s: reusing the finished run in %s", entry, out_dir)
+            return {"results": results, "out_dir": str(out_dir), "overrides": entry_args,
+                    "experiment": experiment, "reused": True}
     try:
         results, out_dir = run_separation(config)
     except FileNotFoundError as error:
@@ -167,8 +196,9 @@ def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         special, entries, overrides = parse(sys.argv[1:] if argv is None else argv)
+        chosen = [SET_KEYS[k] for k in special["sets"].split(",")]
         outcomes = {mixtures: {e: run_entry(e, sources, special, overrides) for e in entries}
-                    for mixtures, sources in MIXTURES.items()}
+                    for mixtures, sources in MIXTURES.items() if mixtures in chosen}
     except (ConfigError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
