@@ -8,7 +8,8 @@ the waveforms it has in the 4-source mixture. Each entry is one (family, sampler
 separation test loop as ``make separate-toy`` (its own folder under ``<run>/separation/table_*``); an
 entry whose priors are not trained is listed as skipped, with the command that trains them. The key=value
 overrides apply to every entry (e.g. ``separation.n_test=4`` for a quick look); ``sets=all,sine-square``
-picks the mixture sets, and ``reuse=1`` takes an entry's finished separation folder instead of rerunning it. Writes, under
+picks the mixture sets, ``reuse=1`` takes an entry's finished separation folder instead of rerunning it (``reuse=only``: and runs
+nothing new). Writes, under
 ``<output_root>/separation_table/``: table.csv, table.md, table.png, table.json (with every entry's
 resolved overrides and output folder).
 """
@@ -97,6 +98,8 @@ def run_entry(entry, sources, special, overrides):
             log.info("%s: reusing the finished run in %s", entry, out_dir)
             return {"results": results, "out_dir": str(out_dir), "overrides": entry_args,
                     "experiment": experiment, "reused": True}
+        if special["reuse"] == "only":
+            return {"skipped": "not run here (reuse=only and no finished run)", "overrides": entry_args}
     try:
         results, out_dir = run_separation(config)
     except FileNotFoundError as error:
