@@ -119,6 +119,7 @@ def test_report_writes_the_denoising_matrices_labelled_and_the_likelihood_method
     assert "| a | **0.01** | 0.03 |" in md and "lowest on the diagonal: yes" in md
 
 
+@pytest.mark.slow  # about 2.5 min on 2 CPU cores: many ODE solves
 def test_make_cross_likelihood_runs_on_a_tiny_score_run(tmp_path):
     from experiments.cli import main
     from experiments.config import load_config
