@@ -45,6 +45,8 @@ import math
 import torch
 from torch import nn
 
+from lightning_modules.langevin import per_mixture_draws
+
 SOLVERS = ("euler", "heun")
 CONSTRAINTS = ("dirac", "gaussian")
 INITS = ("noise", "mixture")
@@ -131,11 +133,10 @@ class DiffusionSeparator(nn.Module):
         n_sources = len(self.alpha)
         if len(seeds) != batch:
             raise ValueError("one seed per mixture is needed")
-        generators = [torch.Generator(device=mix.device).manual_seed(int(s)) for s in seeds]
-        shape = (n_chains, n_sources, length)
+        draw = per_mixture_draws(seeds, (n_chains, n_sources, length), mix.device)
 
         def noise():
-            return torch.cat([torch.randn(shape, generator=g, device=mix.device) for g in generators])
+            return draw(torch.randn)
 
         alpha = self.alpha.view(1, -1, 1)
         target = mix.float().repeat_interleave(n_chains, dim=0).unsqueeze(1)  # [B * C, 1, T]

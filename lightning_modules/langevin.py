@@ -73,6 +73,17 @@ def sgld_levels(eta, gamma, steps, prior_sigma=0.0):
     return [Level(float(prior_sigma), float(eta), float(gamma), int(steps))]
 
 
+def per_mixture_draws(seeds, shape, device):
+    """``draw(torch.randn)`` -> [B * C, N, T]: each mixture's ``shape`` [C, N, T] from its own generator,
+    so a mixture's chains do not depend on which other mixtures share the batch or the DDP rank."""
+    generators = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
+
+    def draw(sampler):
+        return torch.cat([sampler(shape, generator=g, device=device) for g in generators])
+
+    return draw
+
+
 class LangevinSeparator(nn.Module):
     """Runs the levels in order, asking ``score_model.score(x, level.sigma)`` for the prior term.
 
@@ -115,11 +126,7 @@ class LangevinSeparator(nn.Module):
         n_sources = len(self.alpha)
         if len(seeds) != batch:
             raise ValueError("one seed per mixture is needed")
-        generators = [torch.Generator(device=mix.device).manual_seed(int(s)) for s in seeds]
-        shape = (n_chains, n_sources, length)
-
-        def per_mixture(draw):
-            return torch.cat([draw(shape, generator=g, device=mix.device) for g in generators])
+        per_mixture = per_mixture_draws(seeds, (n_chains, n_sources, length), mix.device)
 
         # Paper 004: x_0 ~ Uniform over the signal range.
         x = self.init_range * (2 * per_mixture(torch.rand) - 1)  # [B * C, N, T]

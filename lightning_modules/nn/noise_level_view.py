@@ -9,7 +9,6 @@ sigma_min (below sigma_min the network was never trained, and p_sigma_min is the
 """
 import math
 
-import torch
 from torch import nn
 
 
@@ -49,13 +48,6 @@ class NoiseLevelView(nn.Module):
         return self.prior.denoising_losses(x, sigmas, seed=seed)
 
     def log_prob(self, x):
-        from lightning_modules.nn.probability_flow import ode_log_prob
-
-        prior, cfg = self.prior, self.prior.cfg
-        # The divergence needs autograd even when called from an inference-mode test loop.
-        with torch.inference_mode(False), torch.enable_grad():
-            x = x.detach().clone().float()
-            log_prob, self.last_likelihood_info = ode_log_prob(
-                prior.denoise, x, self.ode_sigma, cfg.sigma_max, prior.sigma_data, divergence=cfg.ode_divergence,
-                n_probes=cfg.ode_probes, rtol=cfg.ode_tolerance, atol=cfg.ode_tolerance)
-        return log_prob.detach()
+        log_prob = self.prior.log_prob(x, start_sigma=self.ode_sigma)
+        self.last_likelihood_info = self.prior.last_likelihood_info
+        return log_prob

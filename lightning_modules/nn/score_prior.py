@@ -143,7 +143,8 @@ class ScorePrior(nn.Module):
         return (f"probability-flow ODE (RK45, rtol=atol={cfg.ode_tolerance:g}, divergence {cfg.ode_divergence}, "
                 f"{cfg.ode_probes} probe(s)), log p at sigma_min={cfg.sigma_min:g}")
 
-    def log_prob(self, x):
+    def log_prob(self, x, start_sigma=None):
+        """log p_sigma(x) in nats per sample at ``start_sigma`` (default sigma_min: the prior's own density)."""
         from lightning_modules.nn.probability_flow import ode_log_prob
 
         cfg = self.cfg
@@ -151,6 +152,7 @@ class ScorePrior(nn.Module):
         with torch.inference_mode(False), torch.enable_grad():
             x = x.detach().clone().float()
             log_prob, self.last_likelihood_info = ode_log_prob(
-                self.denoise, x, cfg.sigma_min, cfg.sigma_max, self.sigma_data, divergence=cfg.ode_divergence,
+                self.denoise, x, start_sigma or cfg.sigma_min, cfg.sigma_max, self.sigma_data,
+                divergence=cfg.ode_divergence,
                 n_probes=cfg.ode_probes, rtol=cfg.ode_tolerance, atol=cfg.ode_tolerance)
         return log_prob.detach()
