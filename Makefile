@@ -1,7 +1,7 @@
 # Unsupervised source separation with deep generative priors: every command a researcher runs.
 # Variables: PRESET (default | paper, comma-separated extras: ddp, bf16, fp16, debug),
-# MODEL (flow | wavenet | score: EXPERIMENT=toy_$(MODEL)) or EXPERIMENT (toy_flow, toy_wavenet, toy_score,
-# musdb_flow, musdb_wavenet, musdb_score, slakh_flow, slakh_score; e.g. make cross-likelihood EXPERIMENT=musdb_flow),
+# MODEL (flow | wavenet | score | lqvae: EXPERIMENT=toy_$(MODEL)) or EXPERIMENT (toy_flow, toy_wavenet, toy_score,
+# musdb_flow, musdb_wavenet, musdb_score, slakh_flow, slakh_score, *_lqvae; e.g. make cross-likelihood EXPERIMENT=musdb_flow),
 # SIGMA, GRID (paper003 | basis), RUNS (output root), ARGS (any config override, key=value ...),
 # SOURCES (comma-separated subset to separate), MIX / OUT / FORCE (separating a file).
 SHELL := /bin/bash
@@ -27,7 +27,7 @@ CLI = $(PY) -m experiments.cli
 COMMON = experiment=$(EXPERIMENT) preset=$(PRESET) output_root=$(RUNS)
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-slow train-toy-flow train-toy-wavenet train-toy-score train-musdb-score train-slakh-score train-musdb-flow train-musdb-wavenet train-slakh-flow compare-toy compare-musdb train finetune-noise finetune-noise-all cross-likelihood separate-toy separation-table separate bench show-config
+.PHONY: help install test test-slow train-toy-flow train-toy-wavenet train-toy-score train-toy-lqvae train-slakh-lqvae train-musdb-lqvae train-lqvae train-musdb-score train-slakh-score train-musdb-flow train-musdb-wavenet train-slakh-flow compare-toy compare-musdb train finetune-noise finetune-noise-all cross-likelihood separate-toy separation-table separate bench show-config
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-20s %s\n", $$1, $$2}'
@@ -57,6 +57,18 @@ train-toy-wavenet: ## Train the four toy WaveNet priors (resumes if interrupted)
 
 train-toy-score: ## Train the four toy score priors (EDM denoisers, denoising score matching; resumes)
 	$(CLI) train experiment=toy_score preset=$(PRESET) output_root=$(RUNS) $(ARGS)
+
+train-toy-lqvae: ## Train the toy LQ-VAE (stage 1, with its report), then its per-source Transformers (stage 2); resumes
+	$(CLI) train experiment=toy_lqvae preset=$(PRESET) output_root=$(RUNS) $(ARGS)
+
+train-slakh-lqvae: ## Both LQ-VAE stages on Slakh2100 drums/bass/guitar/piano (needs SLAKH_ROOT)
+	$(CLI) train experiment=slakh_lqvae preset=$(PRESET) output_root=$(RUNS) $(ARGS)
+
+train-musdb-lqvae: ## Both LQ-VAE stages on musdb18 stems (needs MUSDB_ROOT)
+	$(CLI) train experiment=musdb_lqvae preset=$(PRESET) output_root=$(RUNS) $(ARGS)
+
+train-lqvae: ## Stage 1 only (the LQ-VAE and its report) of EXPERIMENT, e.g. ARGS="model.lin_weight=0 run_name=no_lin"
+	$(CLI) train-lqvae $(COMMON) $(ARGS)
 
 train-musdb-score: ## Train score priors on musdb18 stems (needs MUSDB_ROOT; default: 4 songs per split)
 	$(CLI) train experiment=musdb_score preset=$(PRESET) output_root=$(RUNS) $(ARGS)

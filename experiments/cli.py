@@ -2,8 +2,9 @@
 
     python -m experiments.cli COMMAND [experiment=NAME] [preset=A,B] [sigma=S] [key.sub=value ...]
 
-COMMAND is one of: train, finetune, finetune-all, cross-likelihood, compare, separate, separate-file,
-show-config. ``separate-file`` also takes mix=PATH out=DIR [force=1].
+COMMAND is one of: train, train-lqvae, finetune, finetune-all, cross-likelihood, compare, separate,
+separate-file, show-config. ``train`` of an LQ-VAE experiment runs both stages; ``train-lqvae`` only the
+first (the LQ-VAE and its report). ``separate-file`` also takes mix=PATH out=DIR [force=1].
 """
 import logging
 import sys
@@ -12,7 +13,7 @@ import warnings
 from experiments.config import ConfigError, load_config
 from experiments.run_layout import parse_sigma
 
-COMMANDS = ("train", "finetune", "finetune-all", "cross-likelihood", "compare", "separate", "separate-file",
+COMMANDS = ("train", "train-lqvae", "finetune", "finetune-all", "cross-likelihood", "compare", "separate", "separate-file",
             "show-config")
 SPECIAL_KEYS = ("experiment", "preset", "sigma", "mix", "out", "force")
 
@@ -62,6 +63,11 @@ def run(command, config, sigma, special):
         print(OmegaConf.to_yaml(config, resolve=True))
     elif command == "train":
         train_noiseless(config)
+    elif command == "train-lqvae":
+        from experiments.train_lqvae import train_lqvae
+
+        report = train_lqvae(config) / "report" / "lqvae_report.md"
+        print(report.read_text() if report.is_file() else f"stage 1 finished; no report at {report}")
     elif command == "finetune":
         finetune(config, sigma)
     elif command == "finetune-all":

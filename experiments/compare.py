@@ -1,7 +1,8 @@
 """Paper 003 Fig. 3: the noiseless FloWaveNet and WaveNet cross-likelihood matrices side by side, from
 the two experiments' ``cross_likelihood.json`` (run ``make cross-likelihood`` for each). The dataset
 is the prefix of ``experiment``: toy_flow compares toy_flow with toy_wavenet (the toy row),
-musdb_flow compares musdb_flow with musdb_wavenet (the musdb row)."""
+musdb_flow compares musdb_flow with musdb_wavenet (the musdb row). The other families' matrices of the same
+dataset (score, lqvae) join the comparison when their results exist, each labelled with its likelihood."""
 import json
 from pathlib import Path
 
@@ -10,9 +11,17 @@ from callbacks.cross_likelihood_report import discrimination_margins, plot_matri
 
 
 
+OPTIONAL_FAMILIES = ("score", "lqvae")
+FAMILY_TITLES = {"score": "Score prior", "lqvae": "LQ-VAE + Transformer prior"}
+
+
 def compared_experiments(experiment):
     dataset = experiment.rsplit("_", 1)[0]
     return dataset, (f"{dataset}_flow", f"{dataset}_wavenet")
+
+
+def optional_experiments(dataset):
+    return [f"{dataset}_{family}" for family in OPTIONAL_FAMILIES]
 
 
 def noiseless_matrix(path):
@@ -29,6 +38,9 @@ def noiseless_matrix(path):
 
 def likelihood_label(results):
     model = (results.get("config") or {}).get("model", {})
+    if model.get("name") in FAMILY_TITLES:
+        method = results.get("likelihood_method") or "likelihood"
+        return f"{FAMILY_TITLES[model['name']]}, {method.split(':')[0]}"
     if model.get("name") == "wavenet":
         return f"WaveNet, {model.get('likelihood') or 'mulaw'} likelihood"
     return "FloWaveNet, full density" + (" (LATENT ONLY)" if results.get("latent_only") else "")
@@ -38,7 +50,9 @@ def run_compare(config):
     root = Path(config.output_root)
     entries, rows = [], []
     dataset, experiments = compared_experiments(config.experiment)
-    for experiment in experiments:
+    optional = [e for e in optional_experiments(dataset)
+                if (root / e / config.run_name / "cross_likelihood" / "cross_likelihood.json").is_file()]
+    for experiment in [*experiments, *optional]:
         path = root / experiment / config.run_name / "cross_likelihood" / "cross_likelihood.json"
         results, matrix = noiseless_matrix(path)
         label = likelihood_label(results)
@@ -58,7 +72,7 @@ def run_compare(config):
 
 
 def markdown(rows, dataset):
-    lines = [f"# Cross-likelihood, noiseless priors: FloWaveNet vs WaveNet (paper 003 Fig. 3, {dataset} row)", "",
+    lines = [f"# Cross-likelihood, noiseless priors: {' vs '.join(r[0] for r in rows)} (paper 003 Fig. 3, {dataset} row)", "",
              "M[data source, prior] = mean log-likelihood per audio sample of the source's test set under the prior.",
              "A prior family discriminates when every diagonal entry is the largest of its row and of its column.", ""]
     for label, sources, matrix, margins, count in rows:

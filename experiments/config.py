@@ -42,7 +42,8 @@ class DataConfig:
 class ModelConfig:
     """The union of every prior family's options; unset (None) ones take the family's defaults
     (FlowConfig in lightning_modules/nn/flowavenet.py, WaveNetConfig in lightning_modules/nn/wavenet.py,
-    ScoreConfig in lightning_modules/nn/score_prior.py)."""
+    ScoreConfig in lightning_modules/nn/score_prior.py,
+    LatentPriorConfig in lightning_modules/nn/latent_prior.py)."""
     name: str = "flowavenet"
     n_blocks: Optional[int] = None
     n_flows: Optional[int] = None
@@ -64,6 +65,24 @@ class ModelConfig:
     ode_divergence: Optional[str] = None
     ode_tolerance: Optional[float] = None
     ode_probes: Optional[int] = None
+    # lqvae (LatentPriorConfig in lightning_modules/nn/latent_prior.py: the LQ-VAE, then the Transformers,
+    # which take width, n_layers and these):
+    codebook_size: Optional[int] = None
+    code_dim: Optional[int] = None
+    vq_width: Optional[int] = None
+    strides: Optional[List[int]] = None
+    res_depth: Optional[int] = None
+    dilation_growth: Optional[int] = None
+    ema_decay: Optional[float] = None
+    restart_threshold: Optional[float] = None
+    beta: Optional[float] = None
+    lin_weight: Optional[float] = None
+    lin_mixing: Optional[str] = None  # the dataset's mixing: mean (toy), sum (musdb18, slakh2100 stems)
+    spectral_weight: Optional[float] = None
+    fft_sizes: Optional[List[int]] = None
+    n_heads: Optional[int] = None
+    context: Optional[int] = None
+    dropout: Optional[float] = None
 
 
 @dataclass
@@ -100,6 +119,18 @@ class FinetuneConfig:
     max_steps: int = 40_000
     patience: int = 5
     val_check_interval: int = 1000
+
+
+@dataclass
+class LQVAEStageConfig:
+    """Stage 1 of model.name=lqvae (the LQ-VAE); stage 2 (the Transformers) uses optim and trainer."""
+    max_steps: int = 100_000
+    lr: float = 3e-4
+    lr_decay_times: int = 0
+    val_check_interval: int = 1000
+    n_test: Optional[int] = None  # test crops of the stage-1 report; None = data.n_test
+    crop_length: Optional[int] = None  # stage-1 training crops; None = data.crop_length
+    batch_size: Optional[int] = None  # stage-1 batch; None = data.batch_size
 
 
 @dataclass
@@ -188,6 +219,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    lqvae: LQVAEStageConfig = field(default_factory=LQVAEStageConfig)
     cross_likelihood: CrossLikelihoodConfig = field(default_factory=CrossLikelihoodConfig)
     separation: SeparationConfig = field(default_factory=SeparationConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)

@@ -25,6 +25,10 @@ log = logging.getLogger(__name__)
 
 
 def train_noiseless(config):
+    if config.model.name == "lqvae":
+        from experiments.train_lqvae import train_both
+
+        return train_both(config)  # stage 1 (the LQ-VAE), then stage 2 (its latent priors)
     run_dir = prior_dir(config, 0.0)
     module = PriorModule(
         model=to_dict(config.model), sources=list(config.data.sources), lr=config.optim.lr,
@@ -39,6 +43,9 @@ def finetune(config, sigma, init_dir=None, grid="paper003"):
     """Continue from the noiseless prior (or ``init_dir``) on x + N(0, sigma^2), until every prior's
     validation likelihood stops improving or ``finetune.max_steps``; each prior keeps its best weights.
     The result goes to ``grid``'s layout."""
+    if config.model.name == "lqvae":
+        raise ValueError("the LQ-VAE family's priors model discrete codes: noise fine-tuning does not apply; "
+                         "its one noiseless run (make train-toy-lqvae) is the model")
     init_dir = Path(init_dir) if init_dir else prior_dir(config, 0.0)
     if not is_done(init_dir):
         raise FileNotFoundError(
@@ -62,8 +69,8 @@ def finetune(config, sigma, init_dir=None, grid="paper003"):
 def finetune_grid(config):
     """paper003: each level from the noiseless prior; basis: serially, each from its smaller neighbour.
     A noise-conditional family (score priors) has nothing to fine-tune: its one network serves every level."""
-    if is_noise_conditional(to_dict(config.model)):
-        log.info("%s: noise-conditional priors need no noise fine-tuning; nothing to do", config.experiment)
+    if is_noise_conditional(to_dict(config.model)) or config.model.name == "lqvae":
+        log.info("%s: %s priors need no noise fine-tuning; nothing to do", config.experiment, config.model.name)
         return []
     if config.finetune.grid == "paper003":
         return [finetune(config, sigma) for sigma in PAPER003_SIGMAS]
@@ -108,11 +115,11 @@ def fit(config, run_dir, module, max_steps, val_check_interval, job_type, early_
     trainer.save_checkpoint(str(resume), weights_only=False)
     if trainer.is_global_zero:
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
-        skipped = dict(zip(module.sources, module.skipped_per_prior))
-        mark_done(run_dir, {"global_step": trainer.global_step, "seconds_this_session": time.time() - started,
-                            "noise_sigma": module.noise_sigma, "skipped_steps": module.skipped_steps,
-                            "skipped_steps_per_prior": skipped, "seed": config.seed, "metrics": metrics,
-                            **(extra or {})})
+        info = {"global_step": trainer.global_step, "seconds_this_session": time.time() - started,
+                "noise_sigma": getattr(module, "noise_sigma", 0.0), "skipped_steps": module.skipped_steps}
+        if hasattr(module, "skipped_per_prior"):
+            info["skipped_steps_per_prior"] = dict(zip(module.sources, module.skipped_per_prior))
+        mark_done(run_dir, {**info, "seed": config.seed, "metrics": metrics, **(extra or {})})
     for logger in trainer.loggers:
         logger.finalize("success")
     return run_dir

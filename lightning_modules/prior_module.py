@@ -37,6 +37,23 @@ def mix_seed(*parts):
     return seed
 
 
+def save_rng_states(checkpoint):
+    """So a resumed run draws what the uninterrupted one would have. Tensors and plain tuples only, so the
+    checkpoint loads with weights_only=True."""
+    checkpoint["rng_states"] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        checkpoint["rng_states"]["cuda"] = torch.cuda.get_rng_state_all()
+
+
+def restore_rng_states(checkpoint):
+    states = checkpoint.get("rng_states")
+    if states:
+        torch.set_rng_state(states["torch"])
+        random.setstate(states["python"])
+        if "cuda" in states and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(states["cuda"])
+
+
 class PriorModule(pl.LightningModule):
     def __init__(
         self,
@@ -58,7 +75,8 @@ class PriorModule(pl.LightningModule):
         # A family whose density depends on the noise it was fine-tuned at (the smoothed WaveNet) reads it here.
         self.prior.noise_sigma = float(noise_sigma)
         n = len(self.sources)
-        bad = [name for name, p in self.prior.named_parameters() if p.shape[0] % n]
+        # Frozen parts (the LQ-VAE under its Transformers) are shared, not trained, and not grouped.
+        bad = [name for name, p in self.prior.named_parameters() if p.requires_grad and p.shape[0] % n]
         if bad:
             raise ValueError(f"parameters {bad} are not grouped by prior (first dimension not a multiple of {n})")
         if noise_sigma > 0 and getattr(self.prior, "noise_conditional", False):
@@ -199,7 +217,7 @@ class PriorModule(pl.LightningModule):
             self.log(f"val/{self.metric}_{name}", value, sync_dist=True, batch_size=batch_size)
 
     def configure_optimizers(self):
-        optimizer = torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
+        optimizer = torch.optim.Adam([p for p in self.parameters() if p.requires_grad], lr=self.hparams.lr)
         times, total = self.hparams.lr_decay_times, self.hparams.schedule_steps
         # Paper 003: lr x0.6 in a fixed five-step schedule, here evenly spaced over the run.
         milestones = [round(total * i / (times + 1)) for i in range(1, times + 1)]
@@ -207,19 +225,11 @@ class PriorModule(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint):
-        # Tensors and plain tuples only, so the checkpoint loads with weights_only=True.
-        checkpoint["rng_states"] = {"torch": torch.get_rng_state(), "python": random.getstate()}
-        if torch.cuda.is_available():
-            checkpoint["rng_states"]["cuda"] = torch.cuda.get_rng_state_all()
+        save_rng_states(checkpoint)
         checkpoint["skipped_per_prior"] = list(self.skipped_per_prior)
 
     def on_load_checkpoint(self, checkpoint):
-        states = checkpoint.get("rng_states")
-        if states:
-            torch.set_rng_state(states["torch"])
-            random.setstate(states["python"])
-            if "cuda" in states and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(states["cuda"])
+        restore_rng_states(checkpoint)
         skipped = checkpoint.get("skipped_per_prior")
         if skipped and len(skipped) == len(self.sources):
             self.skipped_per_prior = list(skipped)

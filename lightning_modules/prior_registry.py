@@ -8,11 +8,13 @@ and names it in ``training_metric``. New families register here.
 from dataclasses import asdict, fields
 
 from lightning_modules.nn.flowavenet import FloWaveNet, FlowConfig
+from lightning_modules.nn.latent_prior import LatentPrior, LatentPriorConfig
 from lightning_modules.nn.score_prior import ScoreConfig, ScorePrior
 from lightning_modules.nn.wavenet import WaveNet, WaveNetConfig
 
 PRIOR_FAMILIES = {
     "flowavenet": (FloWaveNet, FlowConfig), "wavenet": (WaveNet, WaveNetConfig), "score": (ScorePrior, ScoreConfig),
+    "lqvae": (LatentPrior, LatentPriorConfig),
 }
 
 
