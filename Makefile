@@ -27,7 +27,7 @@ CLI = $(PY) -m experiments.cli
 COMMON = experiment=$(EXPERIMENT) preset=$(PRESET) output_root=$(RUNS)
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-slow train-toy-flow train-toy-wavenet train-toy-score train-toy-lqvae train-slakh-lqvae train-musdb-lqvae train-lqvae train-musdb-score train-slakh-score train-musdb-flow train-musdb-wavenet train-slakh-flow compare-toy compare-musdb train finetune-noise finetune-noise-all cross-likelihood separate-toy separation-table separate bench show-config
+.PHONY: help install test test-slow train-toy-flow train-toy-wavenet train-toy-score train-toy-lqvae train-slakh-lqvae train-musdb-lqvae train-lqvae lqvae-ablation train-musdb-score train-slakh-score train-musdb-flow train-musdb-wavenet train-slakh-flow compare-toy compare-musdb train finetune-noise finetune-noise-all cross-likelihood separate-toy separation-table separate bench show-config
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-20s %s\n", $$1, $$2}'
@@ -69,6 +69,9 @@ train-musdb-lqvae: ## Both LQ-VAE stages on musdb18 stems (needs MUSDB_ROOT)
 
 train-lqvae: ## Stage 1 only (the LQ-VAE and its report) of EXPERIMENT, e.g. ARGS="model.lin_weight=0 run_name=no_lin"
 	$(CLI) train-lqvae $(COMMON) $(ARGS)
+
+lqvae-ablation: ## Stage 1 again without the linearisation loss (run <run_name>_no_lin) and both reports side by side
+	$(CLI) lqvae-ablation experiment=$(if $(findstring lqvae,$(EXPERIMENT)),$(EXPERIMENT),toy_lqvae) preset=$(PRESET) output_root=$(RUNS) $(ARGS)
 
 train-musdb-score: ## Train score priors on musdb18 stems (needs MUSDB_ROOT; default: 4 songs per split)
 	$(CLI) train experiment=musdb_score preset=$(PRESET) output_root=$(RUNS) $(ARGS)

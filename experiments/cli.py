@@ -2,7 +2,7 @@
 
     python -m experiments.cli COMMAND [experiment=NAME] [preset=A,B] [sigma=S] [key.sub=value ...]
 
-COMMAND is one of: train, train-lqvae, finetune, finetune-all, cross-likelihood, compare, separate,
+COMMAND is one of: train, train-lqvae, lqvae-ablation, finetune, finetune-all, cross-likelihood, compare, separate,
 separate-file, show-config. ``train`` of an LQ-VAE experiment runs both stages; ``train-lqvae`` only the
 first (the LQ-VAE and its report). ``separate-file`` also takes mix=PATH out=DIR [force=1].
 """
@@ -13,7 +13,7 @@ import warnings
 from experiments.config import ConfigError, load_config
 from experiments.run_layout import parse_sigma
 
-COMMANDS = ("train", "train-lqvae", "finetune", "finetune-all", "cross-likelihood", "compare", "separate", "separate-file",
+COMMANDS = ("train", "train-lqvae", "lqvae-ablation", "finetune", "finetune-all", "cross-likelihood", "compare", "separate", "separate-file",
             "show-config")
 SPECIAL_KEYS = ("experiment", "preset", "sigma", "mix", "out", "force")
 
@@ -68,6 +68,10 @@ def run(command, config, sigma, special):
 
         report = train_lqvae(config) / "report" / "lqvae_report.md"
         print(report.read_text() if report.is_file() else f"stage 1 finished; no report at {report}")
+    elif command == "lqvae-ablation":
+        from experiments.lqvae_ablation import run_ablation
+
+        print(run_ablation(config).read_text())
     elif command == "finetune":
         finetune(config, sigma)
     elif command == "finetune-all":

@@ -17,7 +17,7 @@ from experiments.config import save_config, to_dict
 from experiments.run_layout import (
     PAPER003_SIGMAS, basis_sigmas, check_compatible, is_done, mark_done, prior_dir,
 )
-from experiments.trainer_factory import build_trainer
+from experiments.trainer_factory import build_trainer, finish_loggers
 from lightning_modules.prior_module import PriorModule
 from lightning_modules.prior_registry import is_noise_conditional
 
@@ -120,6 +120,5 @@ def fit(config, run_dir, module, max_steps, val_check_interval, job_type, early_
         if hasattr(module, "skipped_per_prior"):
             info["skipped_steps_per_prior"] = dict(zip(module.sources, module.skipped_per_prior))
         mark_done(run_dir, {**info, "seed": config.seed, "metrics": metrics, **(extra or {})})
-    for logger in trainer.loggers:
-        logger.finalize("success")
+    finish_loggers(trainer)
     return run_dir

@@ -56,6 +56,14 @@ def run_test_loop(config, module, datamodule, out_dir, job_type, callbacks):
     trainer.test(module, datamodule=datamodule)
     if trainer.is_global_zero:
         save_config(config, Path(out_dir) / "config.yaml")
+    finish_loggers(trainer)
+    return module.results
+
+
+def finish_loggers(trainer):
+    """Close this job's loggers; the W&B run too, so that the next job of the same command (the LQ-VAE's
+    report, its second stage, the next noise level) starts its own run instead of reusing this one."""
     for logger in trainer.loggers:
         logger.finalize("success")
-    return module.results
+        if isinstance(logger, WandbLogger) and logger._experiment is not None:
+            logger.experiment.finish()

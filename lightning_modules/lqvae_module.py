@@ -49,6 +49,10 @@ class LQVAEModule(pl.LightningModule):
         self.skipped_steps = 0
         self.results = None
 
+    def logged_terms(self):
+        spectral = ("spectral",) if self.lqvae.cfg.spectral_weight > 0 else ()
+        return ("loss", "mse", *spectral, "commit", "lin")
+
     def training_step(self, batch, batch_idx):
         x, partner = pairs(batch["sources"].float())
         terms = self.lqvae.losses(x, partner, update=True)
@@ -60,7 +64,7 @@ class LQVAEModule(pl.LightningModule):
             self.skipped_steps += 1
             log.warning("non-finite LQ-VAE loss at step %d: skipping the update", self.global_step)
             return terms["loss"].nan_to_num(0.0, 0.0, 0.0) * 0.0
-        for name in ("loss", "mse", "spectral", "commit", "lin"):
+        for name in self.logged_terms():
             self.log(f"train/{name}", terms[name], prog_bar=name in ("loss", "lin"))
         counts = torch.bincount(terms["indices"].flatten(), minlength=self.lqvae.cfg.codebook_size)
         self.log("train/perplexity", perplexity(counts).float())
@@ -75,7 +79,7 @@ class LQVAEModule(pl.LightningModule):
         x, partner = pairs(batch["sources"].float())
         terms = self.lqvae.losses(x, partner, update=False)
         size = batch["sources"].shape[0]
-        for name in ("loss", "mse", "spectral", "commit", "lin"):
+        for name in self.logged_terms():
             self.log(f"val/{name}", terms[name], sync_dist=True, batch_size=size, prog_bar=name == "loss")
         self.log("val/si_sdr", si_sdr(terms["reconstruction"], x).mean().float(), sync_dist=True, batch_size=size)
 

@@ -28,6 +28,12 @@ TINY_SCORE = [o for o in TINY if not o.startswith("model.")] + [
     "model.name=score", "model.n_layers=3", "model.width=8", "model.embed_dim=16", "model.squeeze=4",
 ]
 
+TINY_LQVAE = [o for o in TINY if not o.startswith("model.")] + [
+    "model.name=lqvae", "model.vq_width=8", "model.res_depth=1", "model.strides=[4,4]", "model.codebook_size=16",
+    "model.code_dim=8", "model.fft_sizes=[64]", "model.width=16", "model.n_layers=1", "model.n_heads=2",
+    "model.context=16", "lqvae.max_steps=40", "lqvae.val_check_interval=10", "lqvae.n_test=7",
+]
+
 
 @pytest.fixture
 def tiny_overrides(tmp_path):

@@ -35,17 +35,19 @@ MIX_WEIGHT = {"mean": 0.5, "sum": 1.0}
 @dataclass
 class LQVAEConfig:
     codebook_size: int = 256
-    code_dim: int = 64
+    code_dim: int = 16
     vq_width: int = 64  # channels of the encoder and decoder
     strides: List[int] = field(default_factory=lambda: [2, 2, 2, 2])  # hop = product
     res_depth: int = 3  # dilated residual blocks after each down/upsampling
     dilation_growth: int = 3
     ema_decay: float = 0.99
     restart_threshold: float = 1.0
-    beta: float = 0.02  # commitment weight
+    beta: float = 0.25  # commitment weight (Jukebox's 0.02 let the toy latents drift away from the codes)
     lin_weight: float = 1.0  # linearisation loss weight (0 = a plain VQ-VAE)
     lin_mixing: str = "mean"  # mean | sum: the experiment's mixing (set from the dataset by the trainer)
-    spectral_weight: float = 1.0
+    # Off by default: on the toy data a weight of 0.1 held reconstruction to 3-10 dB SI-SDR after 500 steps,
+    # against 10-17 dB without it (the log-magnitude term is dominated by near-empty bins of pure tones).
+    spectral_weight: float = 0.0
     fft_sizes: List[int] = field(default_factory=lambda: [64, 256, 1024])
 
     def __post_init__(self):
@@ -119,7 +121,8 @@ class LQVAE(nn.Module):
         quantised, indices, commit = self.quantizer(latents, update=update)
         reconstruction = self.decode(quantised)
         mse = (reconstruction - x).pow(2).mean()
-        spectral = multi_resolution_stft_loss(reconstruction, x, cfg.fft_sizes).mean()
+        spectral = (multi_resolution_stft_loss(reconstruction, x, cfg.fft_sizes).mean() if cfg.spectral_weight > 0
+                    else mse.new_zeros(()))
         with torch.set_grad_enabled(torch.is_grad_enabled() and cfg.lin_weight > 0):
             ql, lq, _, _ = self.linearisation(x, partner, quantised, update=update)
             lin = (lq - ql).pow(2).mean()

@@ -1,0 +1,134 @@
+"""The LQ-VAE family end to end on a tiny run: both training stages, the stage-1 report, the latent prior
+contract, the latent cross-likelihood (single process and 2-process DDP)."""
+import csv
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from experiments.config import load_config
+from experiments.cross_likelihood import run_cross_likelihood
+from experiments.run_layout import load_prior, prior_dir
+from experiments.train import finetune, train_noiseless
+from experiments.train_lqvae import lqvae_dir, train_latent_priors
+from tests.conftest import TINY_LQVAE
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def logged(run_dir, key):
+    with open(Path(run_dir) / "logs" / "metrics.csv") as stream:
+        return [float(row[key]) for row in csv.DictReader(stream) if row.get(key)]
+
+
+@pytest.fixture(scope="module")
+def lqvae_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lqvae") / "runs"
+    config = load_config("toy_lqvae", "default", TINY_LQVAE + [f"output_root={root}"])
+    train_noiseless(config)
+    return config
+
+
+def test_both_stages_train_and_improve_their_losses(lqvae_run):
+    stage1, stage2 = lqvae_dir(lqvae_run), prior_dir(lqvae_run, 0.0)
+    losses = logged(stage1, "val/loss")
+    assert len(losses) >= 3 and losses[-1] < losses[0], losses
+    logliks = logged(stage2, "val/loglik")
+    assert len(logliks) >= 3 and logliks[-1] > logliks[0] + 0.01, logliks
+    for run_dir in (stage1, stage2):
+        done = json.loads((run_dir / "done.json").read_text())
+        assert done["global_step"] == (40 if run_dir == stage1 else 60)
+        assert (run_dir / "config.yaml").is_file()
+    assert json.loads((stage2 / "lqvae_source.json").read_text())["checkpoint"].endswith("lqvae/last.ckpt")
+
+
+def test_the_stage1_report_has_every_class(lqvae_run):
+    report = json.loads((lqvae_dir(lqvae_run) / "report" / "lqvae_report.json").read_text())["results"]
+    sources = list(lqvae_run.data.sources)
+    assert report["sources"] == sources and report["count"] == 7
+    assert set(report["si_sdr"]) == set(sources) and set(report["lin_error"]) == set(sources)
+    assert 1.0 <= report["perplexity_all"] <= 16 and report["codes_used_all"] + report["dead_codes_all"] == 16
+    for name in ("lqvae_report.csv", "lqvae_report.md", "config.yaml"):
+        assert (lqvae_dir(lqvae_run) / "report" / name).is_file()
+
+
+def test_latent_log_prob_is_the_code_likelihood_per_audio_sample(lqvae_run):
+    prior = load_prior(prior_dir(lqvae_run, 0.0), list(lqvae_run.data.sources)).prior
+    x = 0.5 * torch.randn(2, 4, 512)  # 32 codes: two windows of the 16-code context
+    with torch.no_grad():
+        codes = prior.codes(x)
+        assert codes.shape == (2, 4, 32)
+        by_hand = (prior.transformer.log_prob_codes(codes[..., :16]) + prior.transformer.log_prob_codes(codes[..., 16:])) / 512
+        assert torch.allclose(prior.log_prob(x), by_hand)
+        # Source k's codes are scored by prior k: swapping the channels changes the scores.
+        assert not torch.allclose(prior.log_prob(x.flip(1)), prior.log_prob(x).flip(1))
+    # The stage-2 checkpoint carries the frozen LQ-VAE: its codes equal stage 1's.
+    stage1 = torch.load(lqvae_dir(lqvae_run) / "last.ckpt", weights_only=True)["state_dict"]
+    assert torch.equal(stage1["lqvae.quantizer.codebook"], prior.lqvae.quantizer.codebook)
+    samples = prior.sample(3, 128, generator=torch.Generator().manual_seed(0))
+    assert samples.shape == (3, 4, 128) and torch.isfinite(samples).all()
+
+
+def test_stage2_refuses_a_changed_lqvae_and_noise_finetuning(lqvae_run, tmp_path):
+    copy = tmp_path / "runs"
+    shutil.copytree(Path(lqvae_run.output_root), copy)
+    config = load_config("toy_lqvae", "default", TINY_LQVAE + [f"output_root={copy}"])
+    checkpoint_path = lqvae_dir(config) / "last.ckpt"
+    checkpoint = torch.load(checkpoint_path, weights_only=True)
+    checkpoint["state_dict"]["lqvae.quantizer.codebook"] += 1.0
+    torch.save(checkpoint, checkpoint_path)
+    with pytest.raises(ValueError, match="changed since the latent priors"):
+        train_latent_priors(config)
+    with pytest.raises(ValueError, match="noise fine-tuning does not apply"):
+        finetune(config, 0.077)
+
+
+def test_latent_cross_likelihood_is_labelled_and_equal_under_ddp(lqvae_run):
+    results, out_dir = run_cross_likelihood(lqvae_run)
+    assert "latent codes" in results["likelihood_method"]
+    assert "latent codes" in (out_dir / "summary.md").read_text()
+    single = json.loads((out_dir / "cross_likelihood.json").read_text())
+    args = ["cross-likelihood", "experiment=toy_lqvae", *TINY_LQVAE, f"output_root={lqvae_run.output_root}",
+            "data.eval_batch_size=2", "trainer.devices=2", "trainer.strategy=ddp"]
+    ddp = subprocess.run([sys.executable, "-m", "experiments.cli", *args], cwd=REPO, capture_output=True, text=True,
+                         timeout=300)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    parallel = json.loads((out_dir / "cross_likelihood.json").read_text())
+    assert parallel["count"] == single["count"] == 7
+    for a, b in zip(single["matrices"], parallel["matrices"]):
+        assert torch.allclose(torch.tensor(a["loglik"], dtype=torch.float64),
+                              torch.tensor(b["loglik"], dtype=torch.float64), rtol=1e-5, atol=1e-5)
+
+
+def test_compare_includes_the_latent_priors_with_their_label(lqvae_run, tmp_path):
+    from experiments.compare import run_compare
+
+    results, out_dir = run_cross_likelihood(lqvae_run)
+    latent = json.loads((out_dir / "cross_likelihood.json").read_text())
+    root = tmp_path / "runs"
+    # Stand-ins for the flow and WaveNet results the comparison always needs (the lqvae matrix relabelled).
+    for experiment, name in (("toy_flow", "flowavenet"), ("toy_wavenet", "wavenet"), ("toy_lqvae", "lqvae")):
+        entry = {**latent, "config": {**latent["config"], "model": {**latent["config"]["model"], "name": name}}}
+        if name != "lqvae":
+            entry.pop("likelihood_method")
+        target = root / experiment / "default" / "cross_likelihood" / "cross_likelihood.json"
+        target.parent.mkdir(parents=True)
+        target.write_text(json.dumps(entry))
+    compare_dir, _ = run_compare(load_config("toy_flow", "default", [f"output_root={root}"]))
+    text = (compare_dir / "comparison.md").read_text()
+    assert "LQ-VAE + Transformer prior, latent codes" in text and "FloWaveNet, full density" in text
+
+
+def test_the_ablation_trains_the_same_lqvae_without_the_linearisation_loss(lqvae_run):
+    from experiments.lqvae_ablation import run_ablation
+
+    table = run_ablation(lqvae_run).read_text()
+    assert "without" in table and "linearisation error" in table
+    ablation = json.loads((lqvae_dir(lqvae_run).parent / "lin_ablation.json").read_text())
+    assert ablation["with_lin"]["lin_weight"] == 1.0 and ablation["without_lin"]["lin_weight"] == 0.0
+    no_lin = lqvae_dir(lqvae_run).parent.parent / "default_no_lin" / "lqvae" / "done.json"
+    assert no_lin.is_file()
