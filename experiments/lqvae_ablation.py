@@ -8,8 +8,10 @@ import copy
 import json
 
 from datamodules.atomic_io import atomic_write_text
+from experiments.config import to_dict
 from experiments.run_layout import experiment_dir
 from experiments.train_lqvae import lqvae_dir, train_lqvae
+from lightning_modules.prior_registry import resolve_model_config
 
 METRICS = (("lin_error_mean", "held-out linearisation error (mean over elements)", "lower"),
            ("lin_error_relative_mean", "relative to ||B_Q(E(mix))||^2", "lower"),
@@ -27,7 +29,8 @@ def run_ablation(config):
     without = copy.deepcopy(config)
     without.run_name = f"{config.run_name}_no_lin"
     without.model.lin_weight = 0.0
-    if not config.model.lin_weight:
+    lin_weight = resolve_model_config(to_dict(config.model))["lin_weight"]
+    if not lin_weight:
         raise ValueError("the ablation compares against model.lin_weight > 0; this configuration has it at 0")
     train_lqvae(config)
     train_lqvae(without)
@@ -36,7 +39,7 @@ def run_ablation(config):
              "without_lin": without_loss[key]} for key, meaning, better in METRICS]
     lines = [f"# Linearisation loss ablation ({config.experiment}, {with_loss['count']} held-out test pairs "
              f"per source pair)", "",
-             f"| metric | better | with L_lin (weight {config.model.lin_weight:g}) | without |", "|---|---|---|---|"]
+             f"| metric | better | with L_lin (weight {lin_weight:g}) | without |", "|---|---|---|---|"]
     lines += [f"| {r['meaning']} | {r['better']} | {r['with_lin']:.4g} | {r['without_lin']:.4g} |" for r in rows]
     lines += ["", "Per pair: " + ", ".join(
         f"{pair} {with_loss['lin_error'][s]:.4g} vs {without_loss['lin_error'][s]:.4g}"

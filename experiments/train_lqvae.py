@@ -14,6 +14,8 @@ import json
 import logging
 from pathlib import Path
 
+import pytorch_lightning as pl
+
 from datamodules.atomic_io import atomic_write_text
 from datamodules.registry import build_datamodule, dataset_mixing
 from experiments.config import ConfigError, to_dict
@@ -47,6 +49,7 @@ def train_lqvae(config):
     run_dir = lqvae_dir(config)
     stage = config.lqvae
     config = stage1_config(config)
+    pl.seed_everything(config.seed, workers=True)  # the initial weights depend on the seed only
     module = LQVAEModule(model=to_dict(config.model), sources=list(config.data.sources), lr=stage.lr,
                          lr_decay=config.optim.lr_decay, lr_decay_times=stage.lr_decay_times,
                          schedule_steps=stage.max_steps, seed=config.seed)
@@ -102,6 +105,7 @@ def train_latent_priors(config):
     run_dir = prior_dir(config, 0.0)
     source_file = run_dir / "lqvae_source.json"
     stage1_digest = digest(stage1 / "last.ckpt")
+    pl.seed_everything(config.seed, workers=True)
     module = LatentPriorModule(
         model=to_dict(config.model), sources=list(config.data.sources), lr=config.optim.lr,
         lr_decay=config.optim.lr_decay, lr_decay_times=config.optim.lr_decay_times,

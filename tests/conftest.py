@@ -29,9 +29,9 @@ TINY_SCORE = [o for o in TINY if not o.startswith("model.")] + [
 ]
 
 TINY_LQVAE = [o for o in TINY if not o.startswith("model.")] + [
-    "model.name=lqvae", "model.vq_width=8", "model.res_depth=1", "model.strides=[4,4]", "model.codebook_size=16",
+    "model.name=lqvae", "model.vq_width=16", "model.res_depth=1", "model.strides=[4,4]", "model.codebook_size=16",
     "model.code_dim=8", "model.fft_sizes=[64]", "model.width=16", "model.n_layers=1", "model.n_heads=2",
-    "model.context=16", "lqvae.max_steps=40", "lqvae.val_check_interval=10", "lqvae.n_test=7",
+    "model.context=16", "lqvae.lr=3e-3", "lqvae.max_steps=40", "lqvae.val_check_interval=10", "lqvae.n_test=7",
 ]
 
 

@@ -36,7 +36,7 @@ def lqvae_run(tmp_path_factory):
 def test_both_stages_train_and_improve_their_losses(lqvae_run):
     stage1, stage2 = lqvae_dir(lqvae_run), prior_dir(lqvae_run, 0.0)
     losses = logged(stage1, "val/loss")
-    assert len(losses) >= 3 and losses[-1] < losses[0], losses
+    assert len(losses) >= 3 and losses[-1] < 0.8 * losses[0], losses
     logliks = logged(stage2, "val/loglik")
     assert len(logliks) >= 3 and logliks[-1] > logliks[0] + 0.01, logliks
     for run_dir in (stage1, stage2):
@@ -132,3 +132,27 @@ def test_the_ablation_trains_the_same_lqvae_without_the_linearisation_loss(lqvae
     assert ablation["with_lin"]["lin_weight"] == 1.0 and ablation["without_lin"]["lin_weight"] == 0.0
     no_lin = lqvae_dir(lqvae_run).parent.parent / "default_no_lin" / "lqvae" / "done.json"
     assert no_lin.is_file()
+
+
+def test_gradient_samplers_refuse_the_latent_priors_with_a_message(lqvae_run):
+    from lightning_modules.level_score import LevelScore
+
+    prior = load_prior(prior_dir(lqvae_run, 0.0), list(lqvae_run.data.sources)).prior
+    with pytest.raises(ValueError, match="no gradient in x"):
+        LevelScore([(0.0, prior)])
+
+
+def test_slakh_lqvae_trains_both_stages_with_sum_mixing(tmp_path):
+    from datamodules.synthetic_layouts import write_slakh
+    from experiments.cli import main
+
+    full = ["Drums", "Bass", "Guitar", "Piano"]
+    root = write_slakh(tmp_path / "data", {"train": [full, full], "validation": [full], "test": [full]}, seconds=1.0)
+    args = ["experiment=slakh_lqvae", f"output_root={tmp_path / 'runs'}", f"data.root={root}", *TINY_LQVAE,
+            "trainer.max_steps=4", "trainer.val_check_interval=2", "lqvae.max_steps=4", "lqvae.val_check_interval=2",
+            "data.frames_per_song=16"]
+    assert main(["train", *args]) == 0
+    run = tmp_path / "runs" / "slakh_lqvae" / "default"
+    assert json.loads((run / "noiseless" / "done.json").read_text())["global_step"] == 4
+    report = json.loads((run / "lqvae" / "report" / "lqvae_report.json").read_text())["results"]
+    assert report["lin_mixing"] == "sum" and report["sources"] == ["drums", "bass", "guitar", "piano"]
