@@ -7,8 +7,8 @@ from lightning_modules.nn.lqvae import LQVAE, LQVAEConfig
 from lightning_modules.nn.vector_quantizer import VectorQuantizer, perplexity
 
 
-def quantizer_with(codebook, counts, decay=0.9, threshold=0.0):
-    vq = VectorQuantizer(codebook.shape[0], codebook.shape[1], decay=decay, eps=1e-5, restart_threshold=threshold)
+def quantizer_with(codebook, counts, decay=0.9, threshold=0.0, eps=1e-5):
+    vq = VectorQuantizer(codebook.shape[0], codebook.shape[1], decay=decay, eps=eps, restart_threshold=threshold)
     vq.codebook.copy_(codebook)
     vq.ema_count.copy_(counts)
     vq.ema_sum.copy_(codebook * counts.unsqueeze(1))
@@ -18,10 +18,11 @@ def quantizer_with(codebook, counts, decay=0.9, threshold=0.0):
 
 def test_ema_codebook_update_equals_its_formula_on_a_hand_example():
     codebook = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
-    vq = quantizer_with(codebook, torch.tensor([2.0, 2.0, 2.0]))
+    # A large eps so that the Laplace smoothing visibly matters.
+    vq = quantizer_with(codebook, torch.tensor([2.0, 2.0, 2.0]), eps=0.5)
     latents = torch.tensor([[0.1, 0.0], [0.9, 0.1], [1.1, 0.0], [0.2, 0.8]])  # codes 0, 1, 1, 2
     vq.ema_update(latents)
-    decay, eps, k = 0.9, 1e-5, 3
+    decay, eps, k = 0.9, 0.5, 3
     counts = torch.tensor([1.0, 2.0, 1.0])
     sums = torch.tensor([[0.1, 0.0], [2.0, 0.1], [0.2, 0.8]])
     n = decay * 2.0 + (1 - decay) * counts
