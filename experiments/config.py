@@ -149,6 +149,7 @@ class CrossLikelihoodConfig:
 @dataclass
 class SeparationConfig:
     algorithm: str = "basis"  # basis (paper 004 Alg. 1) | sgld (paper 003 App. 5.1) | diffusion (ISDM, EDM sampler)
+    # | latent (paper 002: the LQ-VAE family's exact latent posterior)
     name: Optional[str] = None  # output folder under separation/; None = <algorithm>_<sources>
     sources: Optional[List[str]] = None  # the sources to separate, a subset of data.sources; None = all
     n_test: Optional[int] = 16  # the first n test mixtures (a fixed subset); None = the whole test set
@@ -186,6 +187,11 @@ class SeparationConfig:
     diffusion_init: str = "noise"  # noise | mixture (start from the Average baseline plus noise)
     diffusion_langevin_steps: int = 0  # Langevin steps at sigma_min before the last step to 0
     diffusion_langevin_eta: float = 0.1  # their step size, in units of sigma_min^2
+    # latent (LQ-VAE family, lightning_modules/latent_separation.py): the exact per-step posterior over code tuples
+    latent_sigma: float = 0.4  # std of the latent Gaussian likelihood (paper 002: 0.1; its code: 0.4)
+    latent_likelihood: str = "gaussian"  # gaussian | delta (only tuples whose quantised sum is the mixture's code)
+    latent_top_k: Optional[int] = None  # codes per source kept before the joint; needed for > 2 sources
+    latent_rejection_alpha: float = 0.0  # weight of the time-domain likelihood in the rejection (0 = paper's best)
     init_range: float = 1.0  # chains start uniform in [-init_range, init_range]
     seed: int = 0
     museval: bool = True

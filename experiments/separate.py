@@ -35,7 +35,7 @@ from lightning_modules.prior_registry import PRIOR_FAMILIES, resolve_model_confi
 from lightning_modules.separation import SEED_STRIDE, SeparationModule, selection_kind, selection_scores
 
 log = logging.getLogger(__name__)
-ALGORITHMS = ("basis", "sgld", "diffusion")
+ALGORITHMS = ("basis", "sgld", "diffusion", "latent")
 
 
 def separation_sources(config):
@@ -168,8 +168,9 @@ class PriorLoader:
             prior = load_prior(directory, list(config.data.sources), to_dict(config.model)).prior
             if not getattr(prior, "has_density_gradient", True):
                 raise ConfigError(
-                    f"the priors of {experiment_dir(config)} have no density gradient (a mu-law WaveNet scores "
-                    f"discrete classes); Langevin and diffusion need model.likelihood=smoothed: train a run with it"
+                    f"the priors of {experiment_dir(config)} have no density gradient (they score discrete classes "
+                    f"or codes); Langevin and diffusion need a density: a WaveNet trained with "
+                    f"model.likelihood=smoothed; the LQ-VAE family separates with separation.algorithm=latent"
                 )
             self.loaded[directory] = SourceSubset(prior, list(config.data.sources), self.sources).eval()
         return self.loaded[directory]
@@ -244,12 +245,36 @@ def make_sampler(config, score_model, alpha, levels):
         langevin_eta=sep.diffusion_langevin_eta)
 
 
+def latent_separator(config, sources, alpha):
+    """(LatentSeparator over the run's LQ-VAE latent priors, its selection, record)."""
+    from lightning_modules.latent_separation import LatentSeparator
+
+    if config.model.name != "lqvae":
+        raise ConfigError(f"separation.algorithm=latent needs the LQ-VAE family (model.name=lqvae, e.g. "
+                          f"EXPERIMENT=toy_lqvae); {config.experiment} has {config.model.name!r}")
+    directory = prior_dir(config, 0.0)
+    if not is_done(directory):
+        raise no_prior_error(config)
+    prior = load_prior(directory, list(config.data.sources), to_dict(config.model)).prior
+    sep = config.separation
+    indices = [list(config.data.sources).index(s) for s in sources]
+    separator = LatentSeparator(prior, indices, alpha, sep.length or config.data.eval_length, sep.latent_sigma,
+                                sep.latent_likelihood, sep.latent_top_k, sep.latent_rejection_alpha)
+    record = {"prior_dir_per_level": [str(directory)], "selection_prior_dir": str(directory),
+              "latent": {"sigma": sep.latent_sigma, "likelihood": sep.latent_likelihood, "top_k": sep.latent_top_k,
+                         "rejection_alpha": sep.latent_rejection_alpha}}
+    return separator, separator.score_model, record
+
+
 def build_separator(config):
     """(separator, selection prior, sources, record): the record says which prior directory serves each
     level and the selection, and which mixing is used (and why). The separation length is checked here."""
     check_algorithm(config)
     sep, sources = config.separation, separation_sources(config)
     alpha, mixing = resolve_mixing(config, len(sources))
+    if sep.algorithm == "latent":
+        separator, selection, record = latent_separator(config, sources, alpha)
+        return separator, selection, sources, record | {"mixing": mixing, "selection": selection_kind(selection)}
     levels = levels_for(config) if sep.algorithm != "diffusion" else None
     load = PriorLoader(config, sources)
     if is_noise_conditional(config):

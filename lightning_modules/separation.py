@@ -12,7 +12,9 @@ baselines beside it, one row per (mixture, method):
 * ``<algorithm>_selected_of_C``: the chain the selection prior likes best (paper 004's "10x": the
   samples meet the mixture, so p(x | m) is proportional to p(x)), by its ``selection_score`` when it has
   one (a score network's denoising score: its exact likelihood is an ODE solve), else its ``log_prob``;
-* ``<algorithm>_oracle_of_C``: the chain with the best mean SI-SDR (needs the references; an upper bound).
+* ``<algorithm>_oracle_of_C``: the chain with the best mean SI-SDR (needs the references; an upper bound);
+* ``<algorithm>_<name>_of_C`` for each of the sampler's own ``extra_choice_names`` (its
+  ``extra_choices(mix, estimates) -> {name: [B] chain}``; the latent separator's time-domain consistency).
 
 Every row has SI-SDR, SI-SDRi and (``museval``) BSSEval v4 SDR of the whole item; ``protocol="windowed"``
 adds the windowed SI-SDRi of recent generative separators (``si_sdri_windowed*``, ``windows_kept``), whose
@@ -65,6 +67,8 @@ class SeparationModule(pl.LightningModule):
         names = ["average", self.algorithm]
         if self.n_chains > 1:
             names += [f"{self.algorithm}_selected_of_{self.n_chains}", f"{self.algorithm}_oracle_of_{self.n_chains}"]
+            names += [f"{self.algorithm}_{extra}_of_{self.n_chains}"
+                      for extra in getattr(self.separator, "extra_choice_names", ())]
         return names
 
     def on_test_epoch_start(self):
@@ -87,6 +91,9 @@ class SeparationModule(pl.LightningModule):
             selection = selection_scores(self.selection_prior, estimates.flatten(0, 1)).view(batch_size, n_chains, -1)
             chain_scores = si_sdr(estimates, references.unsqueeze(1))  # [B, C, N]
             chosen = self.choose(selection.mean(dim=2), chain_scores)
+            if self.n_chains > 1 and hasattr(self.separator, "extra_choices"):
+                extras = self.separator.extra_choices(mix, estimates)
+                chosen.update({f"{self.algorithm}_{name}_of_{self.n_chains}": chain for name, chain in extras.items()})
             rows = self.score(mix, references, indices, estimates, chosen, selection, chain_scores)
         self.rows.extend(rows)
         picked = {"average": average_baseline(mix, self.separator.alpha)}
@@ -170,6 +177,9 @@ class SeparationModule(pl.LightningModule):
 
 
 def selection_kind(prior):
+    label = getattr(prior, "selection_label", None)
+    if label:
+        return label
     return "denoising score" if getattr(prior, "selection_score", None) is not None else "log_prob"
 
 

@@ -37,7 +37,7 @@ def lqvae_config(cfg):
 
 
 class LatentPrior(nn.Module):
-    differentiable = False  # log_prob is a probability of discrete codes: no gradient in x
+    has_density_gradient = False  # log_prob is a probability of discrete codes: no gradient in x
     likelihood_method = ("latent codes: log p_k(LQ-VAE codes of x) under source k's Transformer, nats per audio "
                          "sample (a discrete probability, not a waveform density)")
 

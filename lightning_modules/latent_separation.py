@@ -1,0 +1,183 @@
+"""Separation in the LQ-VAE's latent domain (paper 002 section 4): the exact posterior over code tuples,
+step by step, sampled for many candidates in parallel, then one candidate chosen.
+
+At latent step s, with m_s = B_Q(E(m))_s the quantised latent of the mixture and alpha the mixing weights,
+
+    log p(z_1..z_N | m, past) = sum_k log p_k(z_k | past_k) - || m_s - B_Q(sum_k alpha_k e_{z_k}) ||^2 / (2 sigma^2)
+
+up to a constant ("gaussian"), or only the tuples whose quantised sum IS the mixture's code ("delta", the
+paper code's option; a step where no tuple of the candidate set matches falls back to the Gaussian).
+For two sources every one of the K^2 pairs is scored: the K x K table of the codes of B_Q(alpha_1 e_i +
+alpha_2 e_j) is computed once per codebook (in chunks of rows, so K = 2048 fits: 2048^2 int32 indices,
+16 MiB) and rebuilt when the codebook changes. For N > 2 sources K^N tuples are out of reach; the
+documented approximation keeps the ``top_k`` most probable codes of each source's prior at that step and
+scores the top_k^N tuples by the distance of their UNquantised weighted sum to m_s (re-quantising every
+tuple would cost a K-way search each). ``top_k`` also applies to two sources when set.
+
+The Transformers run with their key/value caches; the C candidates of each mixture are one batch and are
+drawn with a generator seeded by the mixture's seed, so they do not depend on batching or sharding.
+Mixtures longer than the context are separated in consecutive windows of ``context`` codes.
+
+The separator keeps, per candidate, the prior log-probability of its codes under each source's
+Transformer; ``selection`` turns them into the paper's prior-based rejection (alpha_rej = 0: the
+candidate the priors like best; alpha_rej > 0 adds the time-domain likelihood with sigma_rej balanced as
+in section 4.3), and ``extra_choices`` adds the time-domain consistency choice.
+"""
+import torch
+from torch import nn
+
+LIKELIHOODS = ("gaussian", "delta")
+
+
+def pair_sum_table(quantizer, alpha, chunk=64):
+    """[K, K] code indices of B_Q(alpha_0 e_i + alpha_1 e_j), computed ``chunk`` rows at a time."""
+    codebook = quantizer.codebook.float()
+    rows = []
+    for start in range(0, codebook.shape[0], chunk):
+        sums = alpha[0] * codebook[start:start + chunk, None] + alpha[1] * codebook[None]  # [c, K, D]
+        rows.append(quantizer.nearest(sums).to(torch.int32))
+    return torch.cat(rows)
+
+
+class PriorSelection(nn.Module):
+    """The selection prior the separation loop asks for ``selection_score``: the per-source scores the
+    separator stored for its last candidates (prior log-probabilities, normalised over each mixture's
+    candidates, plus the time-domain term when alpha_rej > 0)."""
+
+    def __init__(self, separator):
+        super().__init__()
+        self.selection_label = (f"code log-probability under the latent priors, normalised over the candidates "
+                                f"(paper 002's rejection, alpha = {separator.rejection_alpha:g})")
+        self.separator = [separator]  # a list: not a submodule (no second copy in state_dict or .to())
+
+    def selection_score(self, x):
+        scores = self.separator[0].last_selection
+        if scores is None or scores.shape[0] != x.shape[0]:
+            raise RuntimeError("the latent selection scores belong to the separator's last candidates; "
+                               "call the separator first")
+        return scores
+
+
+class LatentSeparator(nn.Module):
+    extra_choice_names = ("consistent",)
+
+    def __init__(self, prior, source_indices, alpha, length, sigma=0.4, likelihood="gaussian", top_k=None,
+                 rejection_alpha=0.0):
+        super().__init__()
+        if likelihood not in LIKELIHOODS:
+            raise ValueError(f"unknown separation.latent_likelihood {likelihood!r}; choose from {list(LIKELIHOODS)}")
+        if not sigma > 0:
+            raise ValueError(f"separation.latent_sigma must be > 0, got {sigma}")
+        if len(source_indices) > 2 and not top_k:
+            raise ValueError(f"{len(source_indices)} sources have K^{len(source_indices)} joint codes: set "
+                             f"separation.latent_top_k (e.g. 8) for the top-k approximation")
+        hop = prior.lqvae.hop
+        if length % hop:
+            raise ValueError(f"separation.length {length} must be a multiple of the LQ-VAE hop {hop}")
+        self.prior = prior.eval()
+        self.register_buffer("indices", torch.tensor(list(source_indices)))
+        self.register_buffer("alpha", torch.as_tensor(alpha, dtype=torch.float32))
+        self.sigma, self.likelihood, self.top_k, self.rejection_alpha = float(sigma), likelihood, top_k, rejection_alpha
+        self.n_steps = length // hop
+        self.trace_sigmas = [self.sigma] * self.n_steps
+        self.nonfinite_steps = 0
+        self.score_model = PriorSelection(self)  # after rejection_alpha: its label names it
+        self.last_selection, self.table, self.table_key = None, None, None
+
+    def sum_table(self):
+        """The pair table of the current codebook (rebuilt whenever the codebook or alpha changes)."""
+        quantizer = self.prior.lqvae.quantizer
+        key = (quantizer.codebook.detach().clone(), self.alpha.detach().clone())
+        if self.table is None or not all(torch.equal(a, b) for a, b in zip(key, self.table_key)):
+            self.table, self.table_key = pair_sum_table(quantizer, self.alpha), key
+        return self.table
+
+    def step_scores(self, log_priors, mix_code):
+        """Joint scores of the candidate tuples at one step. log_priors [M, N, K] (the separated sources'
+        next-code log-probabilities), mix_code [M, D] -> (tuples [M, J, N] of code indices, scores [M, J])."""
+        quantizer = self.prior.lqvae.quantizer
+        codebook = quantizer.codebook.float()
+        n_sources, k = log_priors.shape[1], log_priors.shape[2]
+        if n_sources == 2 and not self.top_k:
+            table = self.sum_table().long()  # [K, K]
+            distance = (mix_code[:, None] - codebook[None]).pow(2).sum(-1)  # [M, K]: ||m_s - e_c||^2
+            sum_distance = distance[:, table]  # [M, K, K]
+            prior = log_priors[:, 0, :, None] + log_priors[:, 1, None, :]
+            grid = torch.cartesian_prod(torch.arange(k), torch.arange(k)).to(mix_code.device)  # [K^2, 2]
+            tuples = grid.unsqueeze(0).expand(mix_code.shape[0], -1, -1)
+            code_match = (table[None] == quantizer.nearest(mix_code)[:, None, None]).flatten(1)
+            return tuples, self.combine(prior.flatten(1), sum_distance.flatten(1), code_match)
+        top = log_priors.topk(self.top_k, dim=-1)  # values, indices [M, N, k]
+        grids = torch.cartesian_prod(*[torch.arange(self.top_k, device=mix_code.device)] * n_sources)
+        grids = grids.view(-1, n_sources)  # [k^N, N]
+        source = torch.arange(n_sources, device=mix_code.device)
+        tuples = top.indices[:, source, grids]  # [M, k^N, N]
+        prior = top.values[:, source, grids].sum(-1)
+        weighted = (self.alpha[None, None, :, None] * codebook[tuples]).sum(2)  # [M, k^N, D]
+        sum_distance = (mix_code[:, None] - weighted).pow(2).sum(-1)
+        if n_sources == 2:  # the exact pair table still decides which sums are the mixture's code
+            table = self.sum_table().long()
+            code_match = table[tuples[..., 0], tuples[..., 1]] == quantizer.nearest(mix_code)[:, None]
+        else:
+            code_match = quantizer.nearest(weighted) == quantizer.nearest(mix_code)[:, None]
+        return tuples, self.combine(prior, sum_distance, code_match)
+
+    def combine(self, prior, sum_distance, code_match):
+        gaussian = prior - sum_distance / (2 * self.sigma**2)
+        if self.likelihood == "gaussian":
+            return gaussian
+        delta = prior.masked_fill(~code_match, -torch.inf)
+        return torch.where(code_match.any(dim=1, keepdim=True), delta, gaussian)
+
+    @torch.no_grad()
+    def forward(self, mix, n_chains, seeds):
+        """mix [B, T] -> (estimates [B, C, N, T], trace {"loglik", "mix_error"} each [B, n_steps])."""
+        batch, length = mix.shape
+        lqvae, transformer = self.prior.lqvae, self.prior.transformer
+        mix_codes = lqvae.quantizer.quantise(lqvae.encode(mix.float())).transpose(1, 2)  # [B, S, D]
+        generators = [torch.Generator(device=mix.device).manual_seed(int(seed)) for seed in seeds]
+        n_sources, n_total, context = len(self.indices), transformer.n_groups, transformer.cfg.context
+        m = batch * n_chains
+        codes = torch.zeros(m, n_sources, self.n_steps, dtype=torch.long, device=mix.device)
+        log_prior = torch.zeros(m, n_sources, device=mix.device)
+        trace_loglik = torch.zeros(batch, self.n_steps, device=mix.device)
+        trace_distance = torch.zeros(batch, self.n_steps, device=mix.device)
+        for s in range(self.n_steps):
+            if s % context == 0:  # a new window of the Transformers' context
+                cache, previous = transformer.new_cache(m), None
+            logits = transformer.step(previous, cache)[:, self.indices].float()  # [M, N, K]
+            log_priors = logits.log_softmax(dim=-1)
+            mix_code = mix_codes[:, s].repeat_interleave(n_chains, dim=0)
+            tuples, scores = self.step_scores(log_priors, mix_code)
+            probs = scores.softmax(dim=-1).view(batch, n_chains, -1)
+            choice = torch.stack([torch.multinomial(p, 1, generator=g).squeeze(1) for p, g in zip(probs, generators)])
+            chosen = tuples[torch.arange(m, device=mix.device), choice.flatten()]  # [M, N]
+            codes[:, :, s] = chosen
+            step_prior = log_priors.gather(-1, chosen.unsqueeze(-1)).squeeze(-1)  # [M, N]
+            log_prior += step_prior
+            weighted = (self.alpha[None, :, None] * lqvae.quantizer.lookup(chosen)).sum(1)
+            trace_loglik[:, s] = step_prior.mean(dim=1).view(batch, n_chains).mean(dim=1)
+            trace_distance[:, s] = (mix_code - weighted).pow(2).mean(-1).view(batch, n_chains).mean(dim=1)
+            previous = torch.zeros(m, n_total, dtype=torch.long, device=mix.device)
+            previous[:, self.indices] = chosen
+        audio = lqvae.decode_indices(codes.flatten(0, 1)).view(batch, n_chains, n_sources, length)
+        self.last_selection = self.rejection_scores(mix, audio, log_prior.view(batch, n_chains, n_sources))
+        return audio, {"loglik": trace_loglik, "mix_error": trace_distance}
+
+    def rejection_scores(self, mix, audio, log_prior):
+        """Paper 002 section 4.3, per source so the loop can average them: the priors normalised over each
+        mixture's candidates (logits scaled by 1/S), plus alpha_rej times the time-domain log-likelihood
+        with sigma_rej from E_b[log p_rej] = -E_b[||m - mix(D(z))||^2] / (2 sigma_rej^2). -> [B*C, N]."""
+        normalised = (log_prior / self.n_steps).log_softmax(dim=1)  # [B, C, N]
+        if self.rejection_alpha:
+            error = (mix[:, None] - (self.alpha[:, None] * audio).sum(2)).pow(2).sum(-1)  # [B, C]
+            expected_prior = normalised.sum(2).mean(dim=1, keepdim=True)
+            two_sigma2 = -error.mean(dim=1, keepdim=True) / expected_prior.clamp(max=-1e-12)
+            # sigma'^2 = alpha sigma_rej^2; split over the N sources, as the loop averages them.
+            normalised = normalised - (error / (self.rejection_alpha * two_sigma2)).unsqueeze(2) / normalised.shape[2]
+        return normalised.flatten(0, 1)
+
+    def extra_choices(self, mix, estimates):
+        """The time-domain consistency choice: the candidate whose decoded sources mix closest to m."""
+        error = (mix[:, None] - (self.alpha[:, None] * estimates).sum(2)).pow(2).mean(-1)  # [B, C]
+        return {"consistent": error.argmin(dim=1)}
