@@ -156,3 +156,46 @@ def test_slakh_lqvae_trains_both_stages_with_sum_mixing(tmp_path):
     assert json.loads((run / "noiseless" / "done.json").read_text())["global_step"] == 4
     report = json.loads((run / "lqvae" / "report" / "lqvae_report.json").read_text())["results"]
     assert report["lin_mixing"] == "sum" and report["sources"] == ["drums", "bass", "guitar", "piano"]
+
+
+LATENT = ["separation.algorithm=latent", "separation.sources=[sine,square]", "separation.n_test=5",
+          "separation.n_chains=3", "separation.batch_size=2", "separation.museval=false", "separation.length=256"]
+
+
+def test_latent_separation_runs_in_the_test_loop_and_equals_single_process_under_ddp(lqvae_run):
+    import csv as csv_module
+
+    common = ["separate", "experiment=toy_lqvae", *TINY_LQVAE, f"output_root={lqvae_run.output_root}", *LATENT,
+              "separation.name=latent_ddp"]
+    out_dir = Path(lqvae_run.output_root) / "toy_lqvae" / "default" / "separation" / "latent_ddp"
+
+    def rows():
+        with open(out_dir / "separation.csv") as stream:
+            return list(csv_module.DictReader(stream))
+
+    single = subprocess.run([sys.executable, "-m", "experiments.cli", *common], cwd=REPO, capture_output=True,
+                            text=True, timeout=300)
+    assert single.returncode == 0, single.stderr[-2000:]
+    single_rows = rows()
+    methods = {r["method"] for r in single_rows}
+    assert methods == {"average", "latent", "latent_selected_of_3", "latent_oracle_of_3", "latent_consistent_of_3"}
+    summary = json.loads((out_dir / "summary.json").read_text())
+    assert "rejection" in summary["selection"]
+    ddp = subprocess.run([sys.executable, "-m", "experiments.cli", *common, "trainer.devices=2",
+                          "trainer.strategy=ddp"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    ddp_rows = rows()
+    assert len(ddp_rows) == len(single_rows) == 25
+    for a, b in zip(single_rows, ddp_rows):
+        assert (a["index"], a["method"], a["chain"]) == (b["index"], b["method"], b["chain"])
+        assert float(a["si_sdr"]) == pytest.approx(float(b["si_sdr"]), abs=1e-3)
+
+
+def test_latent_separation_needs_the_lqvae_family(tmp_path):
+    from experiments.config import ConfigError
+    from experiments.separate import build_separator
+    from tests.conftest import TINY
+
+    config = load_config("toy_flow", "default", TINY + [f"output_root={tmp_path}", "separation.algorithm=latent"])
+    with pytest.raises(ConfigError, match="needs the LQ-VAE family"):
+        build_separator(config)
