@@ -27,7 +27,7 @@ CLI = $(PY) -m experiments.cli
 COMMON = experiment=$(EXPERIMENT) preset=$(PRESET) output_root=$(RUNS)
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-slow train-toy-flow train-toy-wavenet train-toy-score train-toy-lqvae train-slakh-lqvae train-musdb-lqvae train-lqvae lqvae-ablation train-musdb-score train-slakh-score train-musdb-flow train-musdb-wavenet train-slakh-flow compare-toy compare-musdb train finetune-noise finetune-noise-all cross-likelihood separate-toy separation-table separate bench show-config
+.PHONY: help install test test-slow train-toy-flow train-toy-wavenet train-toy-score train-toy-lqvae train-slakh-lqvae train-musdb-lqvae train-lqvae lqvae-ablation separate-slakh-pairs train-musdb-score train-slakh-score train-musdb-flow train-musdb-wavenet train-slakh-flow compare-toy compare-musdb train finetune-noise finetune-noise-all cross-likelihood separate-toy separation-table separate bench show-config
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-20s %s\n", $$1, $$2}'
@@ -73,6 +73,11 @@ train-lqvae: ## Stage 1 only (the LQ-VAE and its report) of EXPERIMENT, e.g. ARG
 lqvae-ablation: ## Stage 1 again without the linearisation loss (run <run_name>_no_lin) and both reports side by side
 	$(CLI) lqvae-ablation experiment=$(if $(findstring lqvae,$(EXPERIMENT)),$(EXPERIMENT),toy_lqvae) preset=$(PRESET) output_root=$(RUNS) $(ARGS)
 
+separate-slakh-pairs: ## Paper 002's Slakh2100 pairs (drums/bass, drums/guitar, guitar/bass) with the LQ-VAE latent posterior
+	for pair in drums,bass drums,guitar guitar,bass; do \
+	  $(CLI) separate experiment=slakh_lqvae preset=$(PRESET) output_root=$(RUNS) "separation.sources=[$$pair]" $(ARGS) || exit 1; \
+	done
+
 train-musdb-score: ## Train score priors on musdb18 stems (needs MUSDB_ROOT; default: 4 songs per split)
 	$(CLI) train experiment=musdb_score preset=$(PRESET) output_root=$(RUNS) $(ARGS)
 
@@ -106,7 +111,7 @@ finetune-noise-all: ## Fine-tune every level of GRID (paper003: 5 levels from th
 cross-likelihood: ## Cross-likelihood matrices, noise grid and constant-input table (CSV/JSON/PNG/MD + W&B)
 	$(CLI) cross-likelihood $(COMMON) $(ARGS)
 
-separate-toy: ## BASIS separation of toy test mixtures: trains and fine-tunes the BASIS grid first if needed
+separate-toy: ## Separate test mixtures with the experiment's algorithm (BASIS by default; MODEL=lqvae: latent); trains (and fine-tunes the BASIS grid) first if needed
 	$(CLI) train $(COMMON) $(ARGS)
 	$(CLI) finetune-all $(COMMON) finetune.grid=basis $(ARGS)
 	$(CLI) separate $(COMMON) $(SEPARATION_SOURCES) $(ARGS)

@@ -190,7 +190,7 @@ class SeparationConfig:
     # latent (LQ-VAE family, lightning_modules/latent_separation.py): the exact per-step posterior over code tuples
     latent_sigma: float = 0.4  # std of the latent Gaussian likelihood (paper 002: 0.1; its code: 0.4)
     latent_likelihood: str = "gaussian"  # gaussian | delta (only tuples whose quantised sum is the mixture's code)
-    latent_top_k: Optional[int] = None  # codes per source kept before the joint; needed for > 2 sources
+    latent_top_k: Optional[int] = 8  # > 2 sources: codes per source kept before the joint (2 sources: exact K^2)
     latent_rejection_alpha: float = 0.0  # weight of the time-domain likelihood in the rejection (0 = paper's best)
     init_range: float = 1.0  # chains start uniform in [-init_range, init_range]
     seed: int = 0

@@ -34,11 +34,14 @@ ENTRIES = {
                                 "separation.delta=1e-4", "separation.prior_levels=nearest",
                                 "separation.batch_size=8"]),
     "diffusion-flow": ("toy_flow", ["separation.algorithm=diffusion", "separation.batch_size=8"]),
+    # Paper 002: the exact latent posterior (two sources; top-8 codes per source for four), 16 candidates.
+    "latent-lqvae": ("toy_lqvae", ["separation.algorithm=latent", "separation.n_chains=16", "separation.batch_size=8"]),
 }
-DEFAULT_ENTRIES = ["diffusion-score", "basis-score", "basis-flow"]
+DEFAULT_ENTRIES = ["latent-lqvae", "diffusion-score", "basis-score", "basis-flow"]
 MIXTURES = {"4 sources": None, "sine + square": "sine,square"}
 SET_KEYS = {"all": "4 sources", "sine-square": "sine + square"}
-VARIANTS = (("", "one sample"), ("_selected_of_", "selected of C"), ("_oracle_of_", "oracle of C"))
+VARIANTS = (("", "one sample"), ("_selected_of_", "selected of C"), ("_consistent_of_", "consistent of C"),
+            ("_oracle_of_", "oracle of C"))
 
 
 def parse(argv):

@@ -12,7 +12,7 @@ alpha_2 e_j) is computed once per codebook (in chunks of rows, so K = 2048 fits:
 16 MiB) and rebuilt when the codebook changes. For N > 2 sources K^N tuples are out of reach; the
 documented approximation keeps the ``top_k`` most probable codes of each source's prior at that step and
 scores the top_k^N tuples by the distance of their UNquantised weighted sum to m_s (re-quantising every
-tuple would cost a K-way search each). ``top_k`` also applies to two sources when set.
+tuple would cost a K-way search each). Two sources always get the exact K^2 posterior.
 
 The Transformers run with their key/value caches; the C candidates of each mixture are one batch and are
 drawn with a generator seeded by the mixture's seed, so they do not depend on batching or sharding.
@@ -98,7 +98,7 @@ class LatentSeparator(nn.Module):
         quantizer = self.prior.lqvae.quantizer
         codebook = quantizer.codebook.float()
         n_sources, k = log_priors.shape[1], log_priors.shape[2]
-        if n_sources == 2 and not self.top_k:
+        if n_sources == 2:
             table = self.sum_table().long()  # [K, K]
             distance = (mix_code[:, None] - codebook[None]).pow(2).sum(-1)  # [M, K]: ||m_s - e_c||^2
             sum_distance = distance[:, table]  # [M, K, K]
@@ -107,8 +107,15 @@ class LatentSeparator(nn.Module):
             tuples = grid.unsqueeze(0).expand(mix_code.shape[0], -1, -1)
             code_match = (table[None] == quantizer.nearest(mix_code)[:, None, None]).flatten(1)
             return tuples, self.combine(prior.flatten(1), sum_distance.flatten(1), code_match)
-        top = log_priors.topk(self.top_k, dim=-1)  # values, indices [M, N, k]
-        grids = torch.cartesian_prod(*[torch.arange(self.top_k, device=mix_code.device)] * n_sources)
+        return self.top_k_scores(log_priors, mix_code, self.top_k)
+
+    def top_k_scores(self, log_priors, mix_code, top_k):
+        """The approximation for N > 2 sources (module docstring): (tuples [M, top_k^N, N], scores)."""
+        quantizer = self.prior.lqvae.quantizer
+        codebook = quantizer.codebook.float()
+        n_sources = log_priors.shape[1]
+        top = log_priors.topk(top_k, dim=-1)  # values, indices [M, N, k]
+        grids = torch.cartesian_prod(*[torch.arange(top_k, device=mix_code.device)] * n_sources)
         grids = grids.view(-1, n_sources)  # [k^N, N]
         source = torch.arange(n_sources, device=mix_code.device)
         tuples = top.indices[:, source, grids]  # [M, k^N, N]

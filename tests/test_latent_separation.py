@@ -54,8 +54,9 @@ def test_the_step_posterior_equals_a_brute_force_enumeration_of_all_pairs(prior)
 def test_the_top_k_path_with_every_code_matches_the_exact_pairs(prior):
     torch.manual_seed(2)
     log_priors, mix_code = torch.randn(3, 2, 8).log_softmax(-1), torch.randn(3, 3)
-    exact_tuples, exact = separator(prior).step_scores(log_priors, mix_code)
-    top_tuples, top = separator(prior, top_k=8).step_scores(log_priors, mix_code)
+    sep = separator(prior)
+    exact_tuples, exact = sep.step_scores(log_priors, mix_code)
+    top_tuples, top = sep.top_k_scores(log_priors, mix_code, 8)
     # Unquantised sums in the top-k path: never further from m than... the same prior terms, reordered.
     prior_exact = (log_priors[:, 0].gather(1, exact_tuples[..., 0]) + log_priors[:, 1].gather(1, exact_tuples[..., 1]))
     prior_top = (log_priors[:, 0].gather(1, top_tuples[..., 0]) + log_priors[:, 1].gather(1, top_tuples[..., 1]))
