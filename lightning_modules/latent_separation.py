@@ -105,7 +105,10 @@ class LatentSeparator(nn.Module):
             prior = log_priors[:, 0, :, None] + log_priors[:, 1, None, :]
             grid = torch.cartesian_prod(torch.arange(k), torch.arange(k)).to(mix_code.device)  # [K^2, 2]
             tuples = grid.unsqueeze(0).expand(mix_code.shape[0], -1, -1)
-            code_match = (table[None] == quantizer.nearest(mix_code)[:, None, None]).flatten(1)
+
+            def code_match():
+                return (table[None] == quantizer.nearest(mix_code)[:, None, None]).flatten(1)
+
             return tuples, self.combine(prior.flatten(1), sum_distance.flatten(1), code_match)
         return self.top_k_scores(log_priors, mix_code, self.top_k)
 
@@ -122,17 +125,18 @@ class LatentSeparator(nn.Module):
         prior = top.values[:, source, grids].sum(-1)
         weighted = (self.alpha[None, None, :, None] * codebook[tuples]).sum(2)  # [M, k^N, D]
         sum_distance = (mix_code[:, None] - weighted).pow(2).sum(-1)
-        if n_sources == 2:  # the exact pair table still decides which sums are the mixture's code
-            table = self.sum_table().long()
-            code_match = table[tuples[..., 0], tuples[..., 1]] == quantizer.nearest(mix_code)[:, None]
-        else:
-            code_match = quantizer.nearest(weighted) == quantizer.nearest(mix_code)[:, None]
+
+        def code_match():  # a K-way search per tuple: only the delta likelihood pays for it
+            return quantizer.nearest(weighted) == quantizer.nearest(mix_code)[:, None]
+
         return tuples, self.combine(prior, sum_distance, code_match)
 
     def combine(self, prior, sum_distance, code_match):
+        """Scores of the tuples; ``code_match()`` -> [M, J] bool is evaluated for the delta likelihood only."""
         gaussian = prior - sum_distance / (2 * self.sigma**2)
         if self.likelihood == "gaussian":
             return gaussian
+        code_match = code_match()
         delta = prior.masked_fill(~code_match, -torch.inf)
         return torch.where(code_match.any(dim=1, keepdim=True), delta, gaussian)
 

@@ -199,3 +199,20 @@ def test_latent_separation_needs_the_lqvae_family(tmp_path):
     config = load_config("toy_flow", "default", TINY + [f"output_root={tmp_path}", "separation.algorithm=latent"])
     with pytest.raises(ConfigError, match="needs the LQ-VAE family"):
         build_separator(config)
+
+
+def test_a_users_file_is_separated_with_the_latent_posterior(lqvae_run, tmp_path):
+    import soundfile
+
+    from experiments.separate import separate_file
+
+    rate = lqvae_run.data.sample_rate
+    t = torch.arange(600) / rate
+    soundfile.write(tmp_path / "mix.wav", (0.3 * torch.sin(2 * torch.pi * 440 * t)).numpy(), rate)
+    config = load_config("toy_lqvae", "default", TINY_LQVAE + [f"output_root={lqvae_run.output_root}", *LATENT,
+                                                              "separation.min_seconds=0.01"])
+    out_dir, info = separate_file(config, tmp_path / "mix.wav", tmp_path / "out")
+    assert info["n_chunks"] == 3 and len(info["chosen_chain_per_chunk"]) == 3  # 600 samples in chunks of 256
+    for name in ("sine.wav", "square.wav", "mix.wav", "separation.json"):
+        assert (out_dir / name).is_file()
+    assert soundfile.read(out_dir / "sine.wav")[0].shape == (600,)
