@@ -6,10 +6,8 @@ import csv
 import json
 import math
 
-import pytorch_lightning as pl
-from pytorch_lightning.loggers import WandbLogger
-
 from callbacks.cross_likelihood_report import _jsonable
+from callbacks.results_report import ResultsReport
 from datamodules.atomic_io import atomic_write, atomic_write_text
 
 COLUMNS = ("source", "reconstruction_si_sdr_db", "perplexity", "codes_used", "lin_pair", "lin_error",
@@ -85,15 +83,9 @@ def log_to_wandb(results, run):
              "lqvae_report/lin_error": results["lin_error_mean"]})
 
 
-class LQVAEReport(pl.Callback):
-    def __init__(self, out_dir, config=None):
-        self.out_dir, self.config = out_dir, config
-        self.paths = None
+class LQVAEReport(ResultsReport):
+    def write(self, results):
+        return write_report(results, self.out_dir, self.config)
 
-    def on_test_end(self, trainer, pl_module):
-        if not trainer.is_global_zero:
-            return
-        self.paths = write_report(pl_module.results, self.out_dir, self.config)
-        for logger in trainer.loggers:
-            if isinstance(logger, WandbLogger):
-                log_to_wandb(pl_module.results, logger.experiment)
+    def log_to_wandb(self, results, run):
+        log_to_wandb(results, run)

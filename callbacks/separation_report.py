@@ -6,20 +6,18 @@ import json
 import math
 from pathlib import Path
 
-import pytorch_lightning as pl
-from pytorch_lightning.loggers import WandbLogger
-
+from callbacks.results_report import ResultsReport
 from datamodules.atomic_io import atomic_write, atomic_write_text
 from datamodules.audio_file import write_wav
 
 SUMMARY_METRICS = ("si_sdr", "si_sdri", "sdr", "si_sdri_windowed")
 
 
-class SeparationReport(pl.Callback):
+class SeparationReport(ResultsReport):
     def __init__(self, out_dir, sample_rate, config=None, write_wavs=True, n_audio_examples=4):
-        self.out_dir, self.sample_rate, self.config = Path(out_dir), sample_rate, config
-        self.write_wavs, self.n_audio_examples = write_wavs, n_audio_examples
-        self.audio_examples, self.paths = [], None
+        super().__init__(Path(out_dir), config)
+        self.sample_rate, self.write_wavs, self.n_audio_examples = sample_rate, write_wavs, n_audio_examples
+        self.audio_examples = []
 
     def on_test_epoch_start(self, trainer, pl_module):
         self.audio_examples = []
@@ -37,13 +35,8 @@ class SeparationReport(pl.Callback):
             if trainer.is_global_zero and len(self.audio_examples) < self.n_audio_examples:
                 self.audio_examples.append((index, {k: v.float().cpu().numpy() for k, v in tracks.items()}))
 
-    def on_test_end(self, trainer, pl_module):
-        if not trainer.is_global_zero:
-            return
-        self.paths = write_report(pl_module.results, self.out_dir, self.config)
-        for logger in trainer.loggers:
-            if isinstance(logger, WandbLogger):
-                self.log_to_wandb(pl_module.results, logger.experiment)
+    def write(self, results):
+        return write_report(results, self.out_dir, self.config)
 
     def log_to_wandb(self, results, run):
         import wandb

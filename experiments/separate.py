@@ -168,9 +168,8 @@ class PriorLoader:
             prior = load_prior(directory, list(config.data.sources), to_dict(config.model)).prior
             if not getattr(prior, "has_density_gradient", True):
                 raise ConfigError(
-                    f"the priors of {experiment_dir(config)} have no density gradient (they score discrete classes "
-                    f"or codes); Langevin and diffusion need a density: a WaveNet trained with "
-                    f"model.likelihood=smoothed; the LQ-VAE family separates with separation.algorithm=latent"
+                    f"the priors of {experiment_dir(config)} have no density gradient (a mu-law WaveNet scores "
+                    f"discrete classes); Langevin and diffusion need model.likelihood=smoothed: train a run with it"
                 )
             self.loaded[directory] = SourceSubset(prior, list(config.data.sources), self.sources).eval()
         return self.loaded[directory]
@@ -275,6 +274,9 @@ def build_separator(config):
     if sep.algorithm == "latent":
         separator, selection, record = latent_separator(config, sources, alpha)
         return separator, selection, sources, record | {"mixing": mixing, "selection": selection_kind(selection)}
+    if config.model.name == "lqvae":  # refused before looking for noise levels this family never has
+        raise ConfigError(f"the LQ-VAE family's priors score discrete codes: no density gradient for "
+                          f"{sep.algorithm}; separate with separation.algorithm=latent")
     levels = levels_for(config) if sep.algorithm != "diffusion" else None
     load = PriorLoader(config, sources)
     if is_noise_conditional(config):

@@ -50,11 +50,6 @@ class LevelScore(nn.Module):
         sigmas = [sigma for sigma, _ in levels]
         if any(not math.isfinite(s) or s < 0 for s in sigmas) or len(set(sigmas)) != len(sigmas):
             raise ValueError(f"LevelScore needs distinct finite sigmas >= 0, got {sigmas}")
-        not_differentiable = [type(p).__name__ for _, p in levels if not getattr(p, "has_density_gradient", True)]
-        if not_differentiable:
-            raise ValueError(f"{not_differentiable[0]} scores discrete codes: its log_prob has no gradient in x, so "
-                             f"Langevin and diffusion samplers cannot use it (the LQ-VAE family separates in its "
-                             f"latent domain instead)")
         self.sigmas = sigmas
         self.priors = nn.ModuleList(prior for _, prior in levels)
         self.last_log_prob = None

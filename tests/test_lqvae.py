@@ -49,8 +49,8 @@ def test_a_dead_code_is_restarted_onto_a_latent_of_the_batch():
 
 
 def test_first_update_initialises_the_codebook_from_the_batch():
-    vq = VectorQuantizer(4, 3)
-    latents = torch.randn(10, 3)
+    vq = VectorQuantizer(4, 3, restart_threshold=0.0)  # no restarts: only the initialisation can place the codes
+    latents = 10 * torch.randn(10, 3)
     vq.ema_update(latents)
     for code in vq.codebook:
         assert torch.min((latents - code).norm(dim=1)) < 1.0  # each code near some latent of the batch

@@ -134,12 +134,15 @@ def test_the_ablation_trains_the_same_lqvae_without_the_linearisation_loss(lqvae
     assert no_lin.is_file()
 
 
-def test_gradient_samplers_refuse_the_latent_priors_with_a_message(lqvae_run):
-    from lightning_modules.level_score import LevelScore
+@pytest.mark.parametrize("algorithm", ["basis", "diffusion"])
+def test_gradient_samplers_refuse_the_latent_priors_with_a_message(lqvae_run, algorithm):
+    from experiments.config import ConfigError
+    from experiments.separate import build_separator
 
-    prior = load_prior(prior_dir(lqvae_run, 0.0), list(lqvae_run.data.sources)).prior
-    with pytest.raises(ValueError, match="no gradient in x"):
-        LevelScore([(0.0, prior)])
+    config = load_config("toy_lqvae", "default", TINY_LQVAE + [f"output_root={lqvae_run.output_root}",
+                                                               f"separation.algorithm={algorithm}"])
+    with pytest.raises(ConfigError, match="separation.algorithm=latent"):
+        build_separator(config)
 
 
 def test_slakh_lqvae_trains_both_stages_with_sum_mixing(tmp_path):

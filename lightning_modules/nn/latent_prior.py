@@ -49,9 +49,6 @@ class LatentPrior(nn.Module):
             vocab_size=cfg.codebook_size, context=cfg.context, width=cfg.width, n_layers=cfg.n_layers,
             n_heads=cfg.n_heads, dropout=cfg.dropout))
 
-    def frozen_parameter_names(self):
-        return {f"lqvae.{name}" for name, _ in self.lqvae.named_parameters()}
-
     def train(self, mode=True):
         super().train(mode)
         self.lqvae.eval()  # frozen: never in training mode
