@@ -43,7 +43,8 @@ class LQVAEConfig:
     ema_decay: float = 0.99
     restart_threshold: float = 1.0
     # Commitment weight. A first toy run with Jukebox's 0.02 (64-dim codes, spectral weight 1) saw the commit loss
-    # grow to 5-12 and 3.9 dB SI-SDR at 1000 steps; 16-dim codes with 0.25 (no spectral term) reached 9.5-16.5 dB by 500.
+    # grow to 5-12 and 3.9 dB SI-SDR at 1000 steps; 16-dim codes with 0.25 (no spectral term) reached
+    # 9.5-16.5 dB by 500.
     beta: float = 0.25
     lin_weight: float = 1.0  # linearisation loss weight (0 = a plain VQ-VAE)
     lin_mixing: str = "mean"  # mean | sum: the experiment's mixing (set from the dataset by the trainer)
