@@ -2,7 +2,7 @@
 
     python -m experiments.cli COMMAND [experiment=NAME] [preset=A,B] [sigma=S] [key.sub=value ...]
 
-COMMAND is one of: train, train-lqvae, lqvae-ablation, finetune, finetune-all, cross-likelihood, compare, separate,
+COMMAND is one of: train, train-lqvae, lqvae-ablation, train-posterior, finetune, finetune-all, cross-likelihood, compare, separate,
 separate-file, show-config. ``train`` of an LQ-VAE experiment runs both stages; ``train-lqvae`` only the
 first (the LQ-VAE and its report). ``separate-file`` also takes mix=PATH out=DIR [force=1].
 """
@@ -13,7 +13,7 @@ import warnings
 from experiments.config import ConfigError, load_config
 from experiments.run_layout import parse_sigma
 
-COMMANDS = ("train", "train-lqvae", "lqvae-ablation", "finetune", "finetune-all", "cross-likelihood", "compare", "separate", "separate-file",
+COMMANDS = ("train", "train-lqvae", "lqvae-ablation", "train-posterior", "finetune", "finetune-all", "cross-likelihood", "compare", "separate", "separate-file",
             "show-config")
 SPECIAL_KEYS = ("experiment", "preset", "sigma", "mix", "out", "force")
 
@@ -72,6 +72,10 @@ def run(command, config, sigma, special):
         from experiments.lqvae_ablation import run_ablation
 
         print(run_ablation(config).read_text())
+    elif command == "train-posterior":
+        from experiments.train_posterior import train_posterior
+
+        print(f"posterior written to {train_posterior(config)}")
     elif command == "finetune":
         finetune(config, sigma)
     elif command == "finetune-all":

@@ -134,6 +134,34 @@ class LQVAEStageConfig:
 
 
 @dataclass
+class PosteriorConfig:
+    """make train-posterior: the amortised posterior q(s | m) trained on the ELBO against the run's frozen
+    priors, from mixtures only (lightning_modules/posterior_module.py)."""
+    name: Optional[str] = None  # folder <run>/posterior/<name>/; None = the sources joined by "-"
+    sources: Optional[List[str]] = None  # the sources of its mixtures (a subset of data.sources); None = all
+    prior_sigma: float = 0.0  # the frozen prior: the level fine-tuned at this sigma (0 = noiseless);
+    # score priors: the sigma at which their score stands in for the gradient of log p
+    prior_levels: str = "exact"  # exact | nearest (the finished level nearest in log-sigma, either layout)
+    # PosteriorNetConfig (lightning_modules/nn/posterior_net.py):
+    width: int = 32
+    n_layers: int = 10
+    kernel_size: int = 3
+    distribution: str = "truncated_normal"  # truncated_normal (on [-1, 1], the thesis) | normal
+    init_from_average: bool = True  # q's location starts at the Average baseline; the network learns the rest
+    init_scale: float = 0.1
+    min_scale: float = 1e-3
+    gamma: float = 0.05  # std of the mixture likelihood N(m; g(s), gamma^2 I)
+    warmup_steps: int = 0  # the prior and entropy terms' weight rises linearly from 0 to 1 over these steps
+    lr: float = 1e-3
+    lr_decay_times: int = 0  # x0.6 this many times, evenly over max_steps
+    max_steps: int = 600
+    val_check_interval: int = 100
+    n_val: int = 32  # validation mixtures (monitoring only: nothing is selected by them)
+    batch_size: Optional[int] = None  # None = data.batch_size
+    crop_length: Optional[int] = None  # None = data.crop_length
+
+
+@dataclass
 class CrossLikelihoodConfig:
     # Models to compare: "all" finished noise levels, or an explicit list of sigmas (0 = noiseless).
     sigmas_model: Any = "all"
@@ -150,6 +178,7 @@ class CrossLikelihoodConfig:
 class SeparationConfig:
     algorithm: str = "basis"  # basis (paper 004 Alg. 1) | sgld (paper 003 App. 5.1) | diffusion (ISDM, EDM sampler)
     # | latent (paper 002: the LQ-VAE family's exact latent posterior)
+    # | variational (the amortised posterior of make train-posterior: its mean and samples)
     name: Optional[str] = None  # output folder under separation/; None = <algorithm>_<sources>
     sources: Optional[List[str]] = None  # the sources to separate, a subset of data.sources; None = all
     n_test: Optional[int] = 16  # the first n test mixtures (a fixed subset); None = the whole test set
@@ -193,6 +222,10 @@ class SeparationConfig:
     latent_top_k: Optional[int] = 8  # > 2 sources: codes per source kept before the joint (2 sources: exact K^2)
     latent_rejection_alpha: float = 0.0  # weight of the time-domain likelihood in the rejection (0 = paper's best)
     init_range: float = 1.0  # chains start uniform in [-init_range, init_range]
+    # default: each sampler's own start | variational: BASIS/SGLD chains start at a sample of the trained
+    # posterior; diffusion chains at that sample plus N(0, diffusion_sigma_max^2)
+    init: str = "default"
+    posterior: Optional[str] = None  # the posterior (variational, init=variational); None = the sources joined by "-"
     seed: int = 0
     museval: bool = True
     # full: SI-SDR, SI-SDRi, SDR of each whole item; windowed: also the SI-SDRi of recent generative
@@ -226,6 +259,7 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     lqvae: LQVAEStageConfig = field(default_factory=LQVAEStageConfig)
+    posterior: PosteriorConfig = field(default_factory=PosteriorConfig)
     cross_likelihood: CrossLikelihoodConfig = field(default_factory=CrossLikelihoodConfig)
     separation: SeparationConfig = field(default_factory=SeparationConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)

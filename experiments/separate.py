@@ -35,7 +35,8 @@ from lightning_modules.prior_registry import PRIOR_FAMILIES, resolve_model_confi
 from lightning_modules.separation import SEED_STRIDE, SeparationModule, selection_kind, selection_scores
 
 log = logging.getLogger(__name__)
-ALGORITHMS = ("basis", "sgld", "diffusion", "latent")
+ALGORITHMS = ("basis", "sgld", "diffusion", "latent", "variational")
+INITS = ("default", "variational")
 
 
 def separation_sources(config):
@@ -50,9 +51,16 @@ def separation_sources(config):
 
 
 def check_algorithm(config):
-    algorithm = config.separation.algorithm
-    if algorithm not in ALGORITHMS:
-        raise ConfigError(f"unknown separation.algorithm {algorithm!r}; choose from {list(ALGORITHMS)}")
+    sep = config.separation
+    if sep.algorithm not in ALGORITHMS:
+        raise ConfigError(f"unknown separation.algorithm {sep.algorithm!r}; choose from {list(ALGORITHMS)}")
+    if sep.init not in INITS:
+        raise ConfigError(f"unknown separation.init {sep.init!r}; choose from {list(INITS)}")
+    if sep.init == "variational" and sep.algorithm in ("latent", "variational"):
+        raise ConfigError(f"separation.init=variational seeds basis, sgld or diffusion, not {sep.algorithm}")
+    if sep.init == "variational" and sep.algorithm == "diffusion" and sep.diffusion_init == "mixture":
+        raise ConfigError("separation.init=variational and diffusion_init=mixture both set the diffusion's start; "
+                          "choose one")
 
 
 def levels_for(config):
@@ -265,6 +273,28 @@ def latent_separator(config, sources, alpha):
     return separator, separator.score_model, record
 
 
+def variational_posterior(config, sources, alpha):
+    """(the trained posterior module, record); refused when it was trained for another mixing."""
+    from experiments.train_posterior import load_posterior
+
+    module, record = load_posterior(config, sources, config.separation.posterior)
+    if not torch.allclose(module.alpha.cpu(), torch.as_tensor(alpha, dtype=torch.float32)):
+        raise ConfigError(f"the posterior in {record['posterior_dir']} was trained on mixtures with weights "
+                          f"{module.alpha.tolist()}, not the {alpha.tolist()} asked here (separation.mixing)")
+    return module, record
+
+
+def variational_separator(config, sources, alpha):
+    """(VariationalSeparator of the trained posterior, its selection prior, record)."""
+    from lightning_modules.variational_separation import VariationalSeparator
+
+    module, posterior = variational_posterior(config, sources, alpha)
+    separator = VariationalSeparator(module, module.prior)
+    record = {"prior_dir_per_level": [posterior["prior_dir"]], "selection_prior_dir": posterior["prior_dir"],
+              "selection_prior_sigma": posterior["prior_sigma"], "posterior": posterior}
+    return separator, module.prior, record
+
+
 def build_separator(config):
     """(separator, selection prior, sources, record): the record says which prior directory serves each
     level and the selection, and which mixing is used (and why). The separation length is checked here."""
@@ -273,6 +303,9 @@ def build_separator(config):
     alpha, mixing = resolve_mixing(config, len(sources))
     if sep.algorithm == "latent":
         separator, selection, record = latent_separator(config, sources, alpha)
+        return separator, selection, sources, record | {"mixing": mixing, "selection": selection_kind(selection)}
+    if sep.algorithm == "variational":
+        separator, selection, record = variational_separator(config, sources, alpha)
         return separator, selection, sources, record | {"mixing": mixing, "selection": selection_kind(selection)}
     if config.model.name == "lqvae":  # refused before looking for noise levels this family never has
         raise ConfigError(f"the LQ-VAE family's priors score discrete codes: no density gradient for "
@@ -288,6 +321,11 @@ def build_separator(config):
         score_model, selection, record = langevin_priors(config, load, levels)
     check_length(score_model, sep.length or config.data.eval_length)
     separator = make_sampler(config, score_model, alpha, levels)
+    if sep.init == "variational":
+        from lightning_modules.variational_separation import VariationalInit
+
+        module, record["init_posterior"] = variational_posterior(config, sources, alpha)
+        separator.initializer = VariationalInit(module)
     return separator, selection, sources, record | {"mixing": mixing, "selection": selection_kind(selection)}
 
 

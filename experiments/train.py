@@ -83,7 +83,10 @@ def finetune_grid(config):
     raise ValueError(f"unknown finetune.grid {config.finetune.grid!r}; choose 'paper003' or 'basis'")
 
 
-def fit(config, run_dir, module, max_steps, val_check_interval, job_type, early_stopping, extra=None):
+def fit(config, run_dir, module, max_steps, val_check_interval, job_type, early_stopping, extra=None,
+        datamodule=None, check_resume=None):
+    """Train ``module`` into ``run_dir`` (resuming its last.ckpt). ``datamodule``: None = the config's data;
+    ``check_resume(path, hparams)`` refuses a checkpoint of another configuration (default: a prior's)."""
     run_dir = Path(run_dir)
     if is_done(run_dir):
         log.warning("%s is already finished (done.json); delete it to retrain", run_dir)
@@ -91,10 +94,14 @@ def fit(config, run_dir, module, max_steps, val_check_interval, job_type, early_
     resume = run_dir / "last.ckpt"
     if resume.is_file():
         hparams = torch.load(resume, map_location="cpu", weights_only=True)["hyper_parameters"]
-        check_compatible(resume, hparams, list(config.data.sources), to_dict(config.model))
+        if check_resume is not None:
+            check_resume(resume, hparams)
+        else:
+            check_compatible(resume, hparams, list(config.data.sources), to_dict(config.model))
     pl.seed_everything(config.seed, workers=True)
     # Data first: a bad dataset root stops here, before anything is written.
-    datamodule = build_datamodule(config.data, seed=config.seed, output_root=config.output_root)
+    if datamodule is None:
+        datamodule = build_datamodule(config.data, seed=config.seed, output_root=config.output_root)
     datamodule.setup("fit")
     save_config(config, run_dir / "config.yaml")
     callbacks = [ModelCheckpoint(dirpath=str(run_dir), filename="last", save_top_k=0, save_last=True,

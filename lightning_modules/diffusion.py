@@ -95,6 +95,7 @@ class DiffusionSeparator(nn.Module):
         self.s_churn, self.s_tmin, self.s_tmax, self.s_noise = s_churn, s_tmin, s_tmax, s_noise
         self.gamma_scale, self.corrections = gamma_scale, int(corrections)
         self.langevin_steps, self.langevin_eta = int(langevin_steps), langevin_eta
+        self.initializer = None  # (mix, n_chains, seeds) -> [B * C, N, T] added to the first noise (separation.init)
         self.nonfinite_steps = 0
 
     @property
@@ -186,6 +187,8 @@ class DiffusionSeparator(nn.Module):
         x = noise() * self.sigmas[0] * free
         if self.init == "mixture":  # the Average baseline: every source gets m / (N alpha_k)
             x = x + target / (n_sources * alpha)
+        if self.initializer is not None:  # e.g. a sample of the variational posterior
+            x = x + self.initializer(mix, n_chains, seeds).float() * free
         x = project(x)
         errors = []
 

@@ -104,6 +104,7 @@ class LangevinSeparator(nn.Module):
         self.levels = list(levels)
         self.register_buffer("alpha", torch.as_tensor(alpha, dtype=torch.float32))
         self.init_range = init_range
+        self.initializer = None  # (mix, n_chains, seeds) -> [B * C, N, T] starting points (separation.init)
         self.nonfinite_steps = 0
 
     @property
@@ -128,8 +129,11 @@ class LangevinSeparator(nn.Module):
             raise ValueError("one seed per mixture is needed")
         per_mixture = per_mixture_draws(seeds, (n_chains, n_sources, length), mix.device)
 
-        # Paper 004: x_0 ~ Uniform over the signal range.
-        x = self.init_range * (2 * per_mixture(torch.rand) - 1)  # [B * C, N, T]
+        # Paper 004: x_0 ~ Uniform over the signal range, unless another method gives the start.
+        if self.initializer is not None:
+            x = self.initializer(mix, n_chains, seeds).float()
+        else:
+            x = self.init_range * (2 * per_mixture(torch.rand) - 1)  # [B * C, N, T]
         target = mix.float().repeat_interleave(n_chains, dim=0).unsqueeze(1)  # [B * C, 1, T]
         alpha = self.alpha.view(1, -1, 1)
         logliks, errors = [], []

@@ -14,7 +14,9 @@ baselines beside it, one row per (mixture, method):
   one (a score network's denoising score: its exact likelihood is an ODE solve), else its ``log_prob``;
 * ``<algorithm>_oracle_of_C``: the chain with the best mean SI-SDR (needs the references; an upper bound);
 * ``<algorithm>_<name>_of_C`` for each of the sampler's own ``extra_choice_names`` (its
-  ``extra_choices(mix, estimates) -> {name: [B] chain}``; the latent separator's time-domain consistency).
+  ``extra_choices(mix, estimates) -> {name: [B] chain}``; the latent separator's time-domain consistency);
+* ``<algorithm>_<name>`` for each of the sampler's ``point_estimate_names``: an estimate that is no chain
+  (its ``point_estimates() -> {name: [B, N, T]}`` after each call; the variational posterior's mean).
 
 Every row has SI-SDR, SI-SDRi and (``museval``) BSSEval v4 SDR of the whole item; ``protocol="windowed"``
 adds the windowed SI-SDRi of recent generative separators (``si_sdri_windowed*``, ``windows_kept``), whose
@@ -65,6 +67,7 @@ class SeparationModule(pl.LightningModule):
 
     def method_names(self):
         names = ["average", self.algorithm]
+        names += [f"{self.algorithm}_{name}" for name in getattr(self.separator, "point_estimate_names", ())]
         if self.n_chains > 1:
             names += [f"{self.algorithm}_selected_of_{self.n_chains}", f"{self.algorithm}_oracle_of_{self.n_chains}"]
             names += [f"{self.algorithm}_{extra}_of_{self.n_chains}"
@@ -81,6 +84,9 @@ class SeparationModule(pl.LightningModule):
         seeds = [self.seed * SEED_STRIDE + int(i) for i in indices]
         with torch.inference_mode(False), torch.enable_grad():
             estimates, trace = self.separator(mix.clone(), self.n_chains, seeds)  # [B, C, N, T]
+        points = {f"{self.algorithm}_{name}": estimate.float()
+                  for name, estimate in (self.separator.point_estimates() if hasattr(self.separator, "point_estimates")
+                                         else {}).items()}
         self.trace_loglik += trace["loglik"].double().sum(dim=0)
         self.trace_mix_error += trace["mix_error"].double().sum(dim=0)
         self.count += mix.shape[0]
@@ -94,9 +100,9 @@ class SeparationModule(pl.LightningModule):
             if self.n_chains > 1 and hasattr(self.separator, "extra_choices"):
                 extras = self.separator.extra_choices(mix, estimates)
                 chosen.update({f"{self.algorithm}_{name}_of_{self.n_chains}": chain for name, chain in extras.items()})
-            rows = self.score(mix, references, indices, estimates, chosen, selection, chain_scores)
+            rows = self.score(mix, references, indices, estimates, chosen, selection, chain_scores, points)
         self.rows.extend(rows)
-        picked = {"average": average_baseline(mix, self.separator.alpha)}
+        picked = {"average": average_baseline(mix, self.separator.alpha), **points}
         picked.update({name: estimates[torch.arange(batch_size), chain] for name, chain in chosen.items()})
         return {"index": indices, "mix": mix, "references": references, "estimates": picked}
 
@@ -108,12 +114,13 @@ class SeparationModule(pl.LightningModule):
             chosen[f"{self.algorithm}_oracle_of_{self.n_chains}"] = chain_scores.mean(dim=2).argmax(dim=1)
         return chosen
 
-    def score(self, mix, references, indices, estimates, chosen, selection, chain_scores):
+    def score(self, mix, references, indices, estimates, chosen, selection, chain_scores, points=None):
         alpha = self.separator.alpha
         mix_scores = si_sdr_of_mix(mix, references)  # [B, N]
         rows = []
         for b, index in enumerate(indices.tolist()):
             candidates = {"average": (average_baseline(mix[b], alpha), None)}
+            candidates.update({name: (estimate[b], None) for name, estimate in (points or {}).items()})
             candidates.update({name: (estimates[b, chain[b]], int(chain[b])) for name, chain in chosen.items()})
             for name, (estimate, chain) in candidates.items():
                 scores = si_sdr(estimate, references[b]) if chain is None else chain_scores[b, chain]

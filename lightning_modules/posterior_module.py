@@ -1,0 +1,148 @@
+"""Thin Lightning wrapper that trains the amortised posterior q(s | m) on the ELBO (lightning_modules/nn/elbo.py)
+against frozen priors, from mixtures only: a training batch is ``{"mix", "index"}`` and one that carries
+``sources`` is refused, so no reference can enter the loss.
+
+    loss = -mean_b [ w (sum_k E_q log p_k(s_k) + sum_k H[q_k]) + E_q log N(m; g(s), gamma^2 I) ]
+
+``w`` (the KL warm-up) rises linearly from 0 to 1 over ``warmup_steps``. A step whose loss or gradient is not
+finite on any rank is skipped on every rank. Validation logs the ELBO at fixed noise and, as a monitor
+only (nothing is selected or stopped on it), the SI-SDRi of the posterior mean against the references.
+
+The frozen prior is not saved in the checkpoint: ``posterior_source.json`` beside it names the prior's
+checkpoint and its sha256, and loading refuses a changed prior.
+"""
+import math
+
+import pytorch_lightning as pl
+import torch
+
+from lightning_modules.nn.elbo import elbo_terms
+from lightning_modules.nn.posterior_net import PosteriorNet, PosteriorNetConfig
+from lightning_modules.prior_module import mix_seed, restore_rng_states, save_rng_states
+from lightning_modules.separation_metrics import si_sdr, si_sdr_of_mix
+
+
+class PosteriorModule(pl.LightningModule):
+    def __init__(self, net: dict, sources: list, alpha: list, gamma: float = 0.05, warmup_steps: int = 0,
+                 lr: float = 1e-3, lr_decay_times: int = 0, schedule_steps: int = 1000, score_sigma=None,
+                 seed: int = 0, prior=None):
+        super().__init__()
+        if not (math.isfinite(gamma) and gamma > 0):
+            raise ValueError(f"posterior.gamma must be a positive number, got {gamma!r}")
+        if warmup_steps < 0:
+            raise ValueError(f"posterior.warmup_steps must be >= 0, got {warmup_steps}")
+        if len(alpha) != len(sources):
+            raise ValueError(f"one mixing weight per source is needed: {alpha} for {sources}")
+        self.save_hyperparameters(ignore=["prior"])
+        self.sources = list(sources)
+        self.net = PosteriorNet(len(self.sources), PosteriorNetConfig(**net))
+        self.register_buffer("alpha", torch.as_tensor(alpha, dtype=torch.float32), persistent=False)
+        self.prior = prior
+        if prior is not None:
+            prior.eval()
+            for parameter in prior.parameters():
+                parameter.requires_grad_(False)
+        self.strict_loading = False  # the frozen prior's weights are not in the checkpoint
+        self.skipped_steps = 0
+        self.skip = None
+
+    def train(self, mode=True):
+        super().train(mode)
+        if self.prior is not None:
+            self.prior.eval()  # frozen: its normalisation layers stay in inference mode
+        return self
+
+    def posterior(self, mix):
+        return self.net(mix.float(), self.alpha)
+
+    def kl_weight(self):
+        steps = self.hparams.warmup_steps
+        return 1.0 if steps == 0 else min(1.0, self.global_step / steps)
+
+    def elbo(self, mix, generator):
+        """(ELBO terms, per-mixture ELBO [B] at weight 1, objective [B] at the warm-up weight)."""
+        q = self.posterior(mix)
+        uniform = torch.rand(mix.shape[0], len(self.sources), mix.shape[1], generator=generator, device=mix.device)
+        terms = elbo_terms(q, self.prior, mix.float(), self.alpha, self.hparams.gamma, uniform,
+                           self.hparams.score_sigma)
+        kl_part = terms["prior_objective"].sum(dim=1) + terms["entropy"].sum(dim=1)
+        elbo = terms["prior"].sum(dim=1) + terms["entropy"].sum(dim=1) + terms["mixture"]
+        return terms, elbo, self.kl_weight() * kl_part + terms["mixture"]
+
+    def reference_elbo(self, mix, references, scale, generator):
+        """ELBO [B] of the posterior with the true sources as its location and ``scale``."""
+        low, high = -1 + 1e-3, 1 - 1e-3  # the truncated normal keeps its location inside the support
+        loc = references.clamp(low, high) if self.net.config.distribution == "truncated_normal" else references
+        q = self.net.distribution(loc, scale)
+        uniform = torch.rand(references.shape, generator=generator, device=mix.device)
+        terms = elbo_terms(q, self.prior, mix, self.alpha, self.hparams.gamma, uniform, self.hparams.score_sigma)
+        return terms["prior"].sum(dim=1) + terms["entropy"].sum(dim=1) + terms["mixture"]
+
+    def training_step(self, batch, batch_idx):
+        if "sources" in batch:
+            raise ValueError("the posterior trains on mixtures only, but its training batch carries 'sources'; "
+                             "wrap the datamodule in datamodules.mixtures_only.MixtureDataModule")
+        seed = mix_seed(self.hparams.seed, self.global_rank, self.global_step, batch_idx)
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        terms, elbo, objective = self.elbo(batch["mix"], generator)
+        loss = -objective.mean()
+        skip = ~torch.isfinite(loss.detach()).view(1)
+        if self._trainer is not None and self.trainer.world_size > 1:
+            skip = self.trainer.strategy.reduce(skip.float(), reduce_op="sum") > 0
+        self.skip = bool(skip)
+        if self.skip:  # keep the graph (DDP needs every parameter used); gradients are dropped below
+            return loss.nan_to_num(0.0, 0.0, 0.0) * 0
+        self.log("train/elbo", elbo.mean(), prog_bar=True)
+        self.log("train/mixture", terms["mixture"].mean())
+        self.log("train/kl_weight", self.kl_weight())
+        for k, name in enumerate(self.sources):
+            self.log(f"train/prior_{name}", terms["prior"][:, k].mean())
+            self.log(f"train/entropy_{name}", terms["entropy"][:, k].mean())
+        return loss
+
+    def on_before_optimizer_step(self, optimizer):
+        nonfinite = any(not torch.isfinite(p.grad).all() for p in self.net.parameters() if p.grad is not None)
+        flag = torch.tensor(float(nonfinite), device=self.device)
+        if self._trainer is not None and self.trainer.world_size > 1:
+            flag = self.trainer.strategy.reduce(flag, reduce_op="sum")
+        if self.skip or bool(flag > 0):
+            self.skipped_steps += 1
+            optimizer.zero_grad(set_to_none=True)
+            self.log("train/skipped_steps", float(self.skipped_steps))
+        self.skip = None
+
+    def validation_step(self, batch, batch_idx):
+        generator = torch.Generator(device=self.device).manual_seed(batch_idx)
+        mix = batch["mix"].float()
+        terms, elbo, _ = self.elbo(mix, generator)
+        size = mix.shape[0]
+        self.log("val/elbo", elbo.mean(), sync_dist=True, batch_size=size, prog_bar=True)
+        self.log("val/mixture", terms["mixture"].mean(), sync_dist=True, batch_size=size)
+        if "sources" in batch:  # monitors only: nothing is selected or stopped on them
+            references = batch["sources"].float()
+            q = self.posterior(mix)
+            improvement = si_sdr(q.mean, references) - si_sdr_of_mix(mix, references)  # [B, N]
+            self.log("val/si_sdri_mean", improvement.mean(), sync_dist=True, batch_size=size, prog_bar=True)
+            for k, name in enumerate(self.sources):
+                self.log(f"val/si_sdri_mean_{name}", improvement[:, k].mean(), sync_dist=True, batch_size=size)
+            # The diagnosis of a failure: the ELBO of q centred on the true sources (same scales). When it is
+            # below the trained q's, the priors and the mixture term prefer a wrong separation.
+            generator = torch.Generator(device=self.device).manual_seed(batch_idx)
+            reference_elbo = self.reference_elbo(mix, references, q.scale, generator)
+            self.log("val/elbo_at_references", reference_elbo.mean(), sync_dist=True, batch_size=size)
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.Adam(self.net.parameters(), lr=self.hparams.lr)
+        times, total = self.hparams.lr_decay_times, self.hparams.schedule_steps
+        milestones = [round(total * i / (times + 1)) for i in range(1, times + 1)]
+        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=0.6)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint):
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("prior.")}
+        checkpoint["skipped_steps"] = self.skipped_steps
+        save_rng_states(checkpoint)
+
+    def on_load_checkpoint(self, checkpoint):
+        self.skipped_steps = int(checkpoint.get("skipped_steps", 0))
+        restore_rng_states(checkpoint)
