@@ -18,7 +18,8 @@ from tests.conftest import TINY
 
 REPO = Path(__file__).resolve().parents[1]
 POSTERIOR = ["posterior.max_steps=30", "posterior.val_check_interval=10", "posterior.width=8",
-             "posterior.n_layers=3", "posterior.n_val=4", "posterior.batch_size=4", "posterior.lr=3e-3"]
+             "posterior.n_layers=3", "posterior.n_val=4", "posterior.batch_size=4", "posterior.lr=3e-3",
+             "posterior.prior_sigma=0"]
 SEPARATE = ["separation.n_test=3", "separation.n_chains=2", "separation.museval=false", "separation.length=256"]
 
 
