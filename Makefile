@@ -22,6 +22,7 @@ FORCE ?=
 LANGEVIN_ARGS ?=
 DATA_ARGS ?=
 SCORE_ARGS ?=
+POSTERIOR_ARGS ?=
 SEPARATION_SOURCES = $(if $(SOURCES),separation.sources=[$(SOURCES)])
 CLI = $(PY) -m experiments.cli
 COMMON = experiment=$(EXPERIMENT) preset=$(PRESET) output_root=$(RUNS)
@@ -125,11 +126,12 @@ separation-table: ## League table: every trained family and sampler on the first
 separate: ## Separate a file: make separate MIX=song.wav OUT=dir [EXPERIMENT=toy_flow] [FORCE=1]
 	$(CLI) separate-file $(COMMON) mix=$(MIX) out=$(OUT) force=$(FORCE) $(SEPARATION_SOURCES) $(ARGS)
 
-bench: ## Prior throughput, Langevin steps/s + memory, data loading x real time, score priors: training, ODE likelihood, diffusion s/audio s ($(RUNS)/bench*.json)
+bench: ## Prior throughput, Langevin steps/s + memory, data loading x real time, score priors: training, ODE likelihood, diffusion s/audio s; variational posterior: step, s/audio s ($(RUNS)/bench*.json)
 	$(PY) -m experiments.bench output=$(RUNS)/bench.json $(ARGS)
 	$(PY) -m experiments.bench_langevin output=$(RUNS)/bench_langevin.json $(LANGEVIN_ARGS)
 	$(PY) -m experiments.bench_data output=$(RUNS)/bench_data.json $(DATA_ARGS)
 	$(PY) -m experiments.bench_score output=$(RUNS)/bench_score.json $(SCORE_ARGS)
+	$(PY) -m experiments.bench_posterior output=$(RUNS)/bench_posterior.json $(POSTERIOR_ARGS)
 
 show-config: ## Print the resolved configuration of EXPERIMENT with PRESET and ARGS
 	$(CLI) show-config $(COMMON) $(ARGS)
