@@ -155,3 +155,20 @@ def test_train_posterior_errors_name_the_fix(posterior_run, experiment, args, me
     common = [a for a in posterior_run["common"] if experiment == "toy_flow" or not a.startswith("model.")]
     assert main(["train-posterior", f"experiment={experiment}", *common, *POSTERIOR, *args]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_train_posterior_runs_under_ddp(posterior_run, tmp_path):
+    import shutil
+
+    root = tmp_path / "runs"
+    shutil.copytree(posterior_run["root"] / "toy_flow" / "default" / "noiseless",
+                    root / "toy_flow" / "default" / "noiseless")
+    args = ["train-posterior", "experiment=toy_flow", *TINY, f"output_root={root}", *POSTERIOR,
+            "posterior.max_steps=6", "posterior.val_check_interval=3", "trainer.devices=2", "trainer.strategy=ddp"]
+    ddp = subprocess.run([sys.executable, "-m", "experiments.cli", *args], cwd=REPO, capture_output=True, text=True,
+                         timeout=300)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    run_dir = root / "toy_flow" / "default" / "posterior" / "sine-square-saw-triangle"
+    done = json.loads((run_dir / "done.json").read_text())
+    assert done["global_step"] == 6 and done["skipped_steps"] == 0
+    assert len(logged(run_dir, "val/elbo")) == 2

@@ -159,3 +159,37 @@ def test_stem_mixtures_sum_stems_of_different_songs():
         value = float(item["mix"][0])
         first, second = int(round(value)) % 10, int(round(value)) // 10  # 1 * song_a + 10 * song_b
         assert value == first + 10 * second and first != second
+
+
+class FlakyPrior(GaussianPrior):
+    """A Gaussian prior whose log-likelihood is NaN while ``broken``."""
+    broken = False
+
+    def log_prob(self, x):
+        value = super().log_prob(x)
+        return value * math.nan if self.broken else value
+
+
+def test_a_non_finite_step_is_skipped_and_leaves_the_weights_alone():
+    prior = FlakyPrior([0.0, 0.0], [0.5, 0.5])
+    module = PosteriorModule(net={"width": 4, "n_layers": 2}, sources=["a", "b"], alpha=[0.5, 0.5], prior=prior)
+    optimizer = torch.optim.Adam(module.net.parameters(), lr=1e-2)
+    mix = 0.3 * torch.randn(2, 64, generator=torch.Generator().manual_seed(0))
+
+    def step():
+        loss = module.training_step({"mix": mix, "index": torch.arange(2)}, 0)
+        optimizer.zero_grad()
+        loss.backward()
+        module.on_before_optimizer_step(optimizer)
+        optimizer.step()
+        return loss
+
+    before = [p.detach().clone() for p in module.net.parameters()]
+    prior.broken = True
+    assert torch.isfinite(step())
+    assert module.skipped_steps == 1
+    assert all(torch.equal(a, b) for a, b in zip(before, module.net.parameters()))
+    prior.broken = False
+    step()
+    assert module.skipped_steps == 1
+    assert any(not torch.equal(a, b) for a, b in zip(before, module.net.parameters()))
