@@ -13,8 +13,8 @@ import warnings
 from experiments.config import ConfigError, load_config
 from experiments.run_layout import parse_sigma
 
-COMMANDS = ("train", "train-lqvae", "lqvae-ablation", "train-posterior", "finetune", "finetune-all", "cross-likelihood", "compare", "separate", "separate-file",
-            "show-config")
+COMMANDS = ("train", "train-lqvae", "lqvae-ablation", "train-posterior", "finetune", "finetune-all", "cross-likelihood",
+            "compare", "separate", "separate-file", "show-config")
 SPECIAL_KEYS = ("experiment", "preset", "sigma", "mix", "out", "force")
 
 

@@ -123,7 +123,9 @@ def fit(config, run_dir, module, max_steps, val_check_interval, job_type, early_
     if trainer.is_global_zero:
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
         info = {"global_step": trainer.global_step, "seconds_this_session": time.time() - started,
-                "noise_sigma": getattr(module, "noise_sigma", 0.0), "skipped_steps": module.skipped_steps}
+                "skipped_steps": module.skipped_steps}
+        if hasattr(module, "noise_sigma"):  # a prior's; the posterior has none
+            info["noise_sigma"] = module.noise_sigma
         if hasattr(module, "skipped_per_prior"):
             info["skipped_steps_per_prior"] = dict(zip(module.sources, module.skipped_per_prior))
         mark_done(run_dir, {**info, "seed": config.seed, "metrics": metrics, **(extra or {})})

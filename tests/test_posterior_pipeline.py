@@ -172,3 +172,17 @@ def test_train_posterior_runs_under_ddp(posterior_run, tmp_path):
     done = json.loads((run_dir / "done.json").read_text())
     assert done["global_step"] == 6 and done["skipped_steps"] == 0
     assert len(logged(run_dir, "val/elbo")) == 2
+
+
+def test_a_users_file_is_separated_into_the_posterior_mean(posterior_run, tmp_path):
+    from datamodules.audio_file import write_wav
+    from datamodules.toy import ToyDataset
+
+    mix = ToyDataset("test", 1, ["sine", "square", "saw", "triangle"], 600, 16000)[0]["mix"]
+    write_wav(tmp_path / "mix.wav", mix, 16000)
+    out = tmp_path / "separated"
+    assert main(["separate-file", "experiment=toy_flow", *posterior_run["common"], *SEPARATE,
+                 "separation.algorithm=variational", f"mix={tmp_path / 'mix.wav'}", f"out={out}"]) == 0
+    info = json.loads((out / "separation.json").read_text())
+    assert info["estimate"] == "posterior mean" and info["n_chunks"] == 3
+    assert sorted(p.name for p in out.glob("*.wav")) == ["mix.wav", "saw.wav", "sine.wav", "square.wav", "triangle.wav"]
