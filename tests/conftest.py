@@ -34,6 +34,11 @@ TINY_LQVAE = [o for o in TINY if not o.startswith("model.")] + [
     "model.context=16", "lqvae.lr=3e-3", "lqvae.max_steps=40", "lqvae.val_check_interval=10", "lqvae.n_test=7",
 ]
 
+# A tiny variational posterior, trained against the noiseless tiny prior.
+TINY_POSTERIOR = ["posterior.max_steps=30", "posterior.val_check_interval=10", "posterior.width=8",
+                  "posterior.n_layers=3", "posterior.n_val=4", "posterior.batch_size=4", "posterior.lr=3e-3",
+                  "posterior.prior_sigma=0"]
+
 
 @pytest.fixture
 def tiny_overrides(tmp_path):

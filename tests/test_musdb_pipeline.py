@@ -4,7 +4,7 @@ import json
 
 from datamodules.synthetic_layouts import write_musdb_hq
 from experiments.cli import main
-from tests.conftest import TINY
+from tests.conftest import TINY, TINY_POSTERIOR
 
 
 def test_train_and_cross_likelihood_on_musdb(tmp_path, capsys):
@@ -22,6 +22,14 @@ def test_train_and_cross_likelihood_on_musdb(tmp_path, capsys):
     matrix = results["matrices"][0]["loglik"]
     assert len(matrix) == 4 and all(len(row) == 4 for row in matrix)
     assert (tmp_path / "runs" / "stem_cache").is_dir()
+    # The variational posterior trains on random sums of stems from different songs (sum mixing) and separates.
+    assert main(["train-posterior", *args, *TINY_POSTERIOR, "posterior.max_steps=4", "posterior.val_check_interval=2"]) == 0
+    source = json.loads((run / "posterior" / "drums-bass-other-vocals" / "posterior_source.json").read_text())
+    assert source["sources"] == ["drums", "bass", "other", "vocals"]
+    assert main(["separate", *args, "separation.algorithm=variational", "separation.n_test=2",
+                 "separation.museval=false", "separation.length=256"]) == 0
+    summary = json.loads((run / "separation" / "variational_drums-bass-other-vocals" / "summary.json").read_text())
+    assert summary["mixing"]["kind"] == "sum" and "variational_mean" in summary["summary"]
 
 
 def test_missing_musdb_root_exits_2(tmp_path, capsys, monkeypatch):

@@ -14,12 +14,10 @@ from experiments.cli import main
 from experiments.config import load_config
 from experiments.train import train_noiseless
 from lightning_modules.posterior_module import PosteriorModule
-from tests.conftest import TINY
+from tests.conftest import TINY, TINY_POSTERIOR
 
 REPO = Path(__file__).resolve().parents[1]
-POSTERIOR = ["posterior.max_steps=30", "posterior.val_check_interval=10", "posterior.width=8",
-             "posterior.n_layers=3", "posterior.n_val=4", "posterior.batch_size=4", "posterior.lr=3e-3",
-             "posterior.prior_sigma=0"]
+POSTERIOR = TINY_POSTERIOR
 SEPARATE = ["separation.n_test=3", "separation.n_chains=2", "separation.museval=false", "separation.length=256"]
 
 
