@@ -92,7 +92,7 @@ def run(command, config, sigma, special):
         if results is not None:
             print((out_dir / "summary.md").read_text())
     elif command == "separate-file":
-        from experiments.separate import separate_file
+        from experiments.separate_file import separate_file
 
         force = special.get("force", "") not in ("", "0", "false", "no")
         out_dir, info = separate_file(config, special["mix"], special["out"], force=force)

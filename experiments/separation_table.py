@@ -37,10 +37,10 @@ ENTRIES = {
     # Paper 002: the exact latent posterior (two sources; top-8 codes per source for four), 16 candidates.
     "latent-lqvae": ("toy_lqvae", ["separation.algorithm=latent", "separation.n_chains=16", "separation.batch_size=8"]),
     # Proposal 000: the amortised posterior of make train-posterior (its mean and its samples), and BASIS
-    # over the fine-tuned levels 0.077 -> 0.01 (20 steps each) started at its samples.
+    # over the fine-tuned levels 0.077 -> 0.01 (20 steps each) started at 2 of its samples (CPU time).
     "variational-flow": ("toy_flow", ["separation.algorithm=variational", "separation.batch_size=8"]),
     "basis-flow-from-variational": ("toy_flow", [
-        "separation.algorithm=basis", "separation.init=variational", "separation.levels=3",
+        "separation.algorithm=basis", "separation.init=variational", "separation.n_chains=2", "separation.levels=3",
         "separation.sigma_max=0.077", "separation.sigma_min=0.01", "separation.steps_per_level=20",
         "separation.delta=1e-4", "separation.prior_levels=nearest", "separation.batch_size=8"]),
 }

@@ -207,7 +207,7 @@ def test_latent_separation_needs_the_lqvae_family(tmp_path):
 def test_a_users_file_is_separated_with_the_latent_posterior(lqvae_run, tmp_path):
     import soundfile
 
-    from experiments.separate import separate_file
+    from experiments.separate_file import separate_file
 
     rate = lqvae_run.data.sample_rate
     t = torch.arange(600) / rate

@@ -18,7 +18,8 @@ from callbacks.separation_report import SeparationReport
 from datamodules.registry import build_datamodule, dataset_mixing
 from experiments.config import load_config
 from experiments.run_layout import experiment_dir, load_prior, mark_done, prior_dir
-from experiments.separate import build_separator, run_separation, separate_file
+from experiments.separate import build_separator, run_separation
+from experiments.separate_file import separate_file
 from experiments.train import finetune, train_noiseless
 from lightning_modules.separation import SEED_STRIDE
 from lightning_modules.separation_metrics import bss_sdr, windowed_si_sdri
