@@ -28,7 +28,7 @@ CLI = $(PY) -m experiments.cli
 COMMON = experiment=$(EXPERIMENT) preset=$(PRESET) output_root=$(RUNS)
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-slow train-toy-flow train-toy-wavenet train-toy-score train-toy-lqvae train-slakh-lqvae train-musdb-lqvae train-lqvae lqvae-ablation separate-slakh-pairs train-posterior train-musdb-score train-slakh-score train-musdb-flow train-musdb-wavenet train-slakh-flow compare-toy compare-musdb train finetune-noise finetune-noise-all cross-likelihood separate-toy separation-table separate bench show-config
+.PHONY: help install test test-slow train-toy-flow train-toy-wavenet train-toy-score train-toy-lqvae train-slakh-lqvae train-musdb-lqvae train-lqvae lqvae-ablation separate-slakh-pairs train-posterior separate-variational train-musdb-score train-slakh-score train-musdb-flow train-musdb-wavenet train-slakh-flow compare-toy compare-musdb train finetune-noise finetune-noise-all cross-likelihood separate-toy separation-table separate bench show-config
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-20s %s\n", $$1, $$2}'
@@ -81,6 +81,10 @@ separate-slakh-pairs: ## Paper 002's Slakh2100 pairs (drums/bass, drums/guitar, 
 
 train-posterior: ## Amortised posterior q(s|m) on the ELBO against EXPERIMENT's frozen priors, from mixtures only (SOURCES=sine,square: a subset; resumes)
 	$(CLI) train-posterior $(COMMON) $(if $(SOURCES),posterior.sources=[$(SOURCES)]) $(ARGS)
+
+separate-variational: ## Train the posterior if needed, then separate EXPERIMENT's test mixtures with it (its mean and samples; SOURCES=...)
+	$(CLI) train-posterior $(COMMON) $(if $(SOURCES),posterior.sources=[$(SOURCES)]) $(ARGS)
+	$(CLI) separate $(COMMON) separation.algorithm=variational $(SEPARATION_SOURCES) $(ARGS)
 
 train-musdb-score: ## Train score priors on musdb18 stems (needs MUSDB_ROOT; default: 4 songs per split)
 	$(CLI) train experiment=musdb_score preset=$(PRESET) output_root=$(RUNS) $(ARGS)
