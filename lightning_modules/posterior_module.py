@@ -92,11 +92,14 @@ class PosteriorModule(pl.LightningModule):
         self.skip = bool(skip)
         if self.skip:  # keep the graph (DDP needs every parameter used); gradients are dropped below
             return loss.nan_to_num(0.0, 0.0, 0.0) * 0
-        self.log("train/elbo", elbo.mean(), prog_bar=True)
+        has_value = self.hparams.score_sigma is None  # a score prior gives the gradient of log p, not its value
+        if has_value:
+            self.log("train/elbo", elbo.mean(), prog_bar=True)
         self.log("train/mixture", terms["mixture"].mean())
         self.log("train/kl_weight", self.kl_weight())
         for k, name in enumerate(self.sources):
-            self.log(f"train/prior_{name}", terms["prior"][:, k].mean())
+            if has_value:
+                self.log(f"train/prior_{name}", terms["prior"][:, k].mean())
             self.log(f"train/entropy_{name}", terms["entropy"][:, k].mean())
         return loss
 
@@ -116,7 +119,8 @@ class PosteriorModule(pl.LightningModule):
         mix = batch["mix"].float()
         terms, elbo, _ = self.elbo(mix, generator)
         size = mix.shape[0]
-        self.log("val/elbo", elbo.mean(), sync_dist=True, batch_size=size, prog_bar=True)
+        if self.hparams.score_sigma is None:
+            self.log("val/elbo", elbo.mean(), sync_dist=True, batch_size=size, prog_bar=True)
         self.log("val/mixture", terms["mixture"].mean(), sync_dist=True, batch_size=size)
         if "sources" in batch:  # monitors only: nothing is selected or stopped on them
             references = batch["sources"].float()
@@ -128,8 +132,9 @@ class PosteriorModule(pl.LightningModule):
             # The diagnosis of a failure: the ELBO of q centred on the true sources (same scales). When it is
             # below the trained q's, the priors and the mixture term prefer a wrong separation.
             generator = torch.Generator(device=self.device).manual_seed(batch_idx)
-            reference_elbo = self.reference_elbo(mix, references, q.scale, generator)
-            self.log("val/elbo_at_references", reference_elbo.mean(), sync_dist=True, batch_size=size)
+            if self.hparams.score_sigma is None:
+                reference_elbo = self.reference_elbo(mix, references, q.scale, generator)
+                self.log("val/elbo_at_references", reference_elbo.mean(), sync_dist=True, batch_size=size)
 
     def configure_optimizers(self):
         optimizer = torch.optim.Adam(self.net.parameters(), lr=self.hparams.lr)

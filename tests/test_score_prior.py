@@ -10,7 +10,7 @@ from experiments.config import load_config
 from experiments.run_layout import load_prior, prior_dir
 from lightning_modules.nn.score_prior import ScoreConfig, ScorePrior
 from lightning_modules.prior_module import PriorModule
-from tests.conftest import TINY_SCORE
+from tests.conftest import TINY_POSTERIOR, TINY_SCORE
 
 SIGMA_DATA = [0.5, 1.0, 2.0]
 
@@ -91,6 +91,14 @@ def test_train_writes_a_resumable_run_with_sigma_data_and_refuses_noise_fine_tun
     assert "noise-conditional" in capsys.readouterr().err
     assert main(["finetune-all", "experiment=toy_score", *overrides]) == 0
     assert not any(p.name.startswith("sigma_") for p in run.parent.iterdir())
+    # A variational posterior trains against the score at posterior.prior_sigma (the gradient of log p_sigma).
+    args = [*overrides, *TINY_POSTERIOR, "posterior.max_steps=4", "posterior.val_check_interval=2"]
+    assert main(["train-posterior", "experiment=toy_score", *args]) == 2
+    assert "posterior.prior_sigma > 0" in capsys.readouterr().err
+    assert main(["train-posterior", "experiment=toy_score", *args, "posterior.prior_sigma=0.05"]) == 0
+    done = json.loads((run.parent / "posterior" / "sine-square-saw-triangle" / "done.json").read_text())
+    assert done["prior"]["score_sigma"] == 0.05 and done["global_step"] == 4
+    assert "val/si_sdri_mean" in done["metrics"] and "val/elbo" not in done["metrics"]
 
 
 def test_unknown_sigma_sampling_is_a_clear_error():

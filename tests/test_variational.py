@@ -193,3 +193,16 @@ def test_a_non_finite_step_is_skipped_and_leaves_the_weights_alone():
     step()
     assert module.skipped_steps == 1
     assert any(not torch.equal(a, b) for a, b in zip(before, module.net.parameters()))
+
+
+def test_a_score_prior_gives_the_prior_term_the_gradient_of_its_log_likelihood():
+    from lightning_modules.nn.elbo import prior_term
+
+    # The score of the clean Gaussian prior at sigma is the gradient of the log-likelihood of its noisy version.
+    samples = (0.2 * torch.randn(3, 2, 32, generator=torch.Generator().manual_seed(0))).requires_grad_(True)
+    value, objective = prior_term(GaussianPrior([0.1, -0.2], [0.3, 0.5], noise_sigma=0.1), samples)
+    (by_log_prob,) = torch.autograd.grad(objective.sum(), samples)
+    value, objective = prior_term(GaussianPrior([0.1, -0.2], [0.3, 0.5]), samples, score_sigma=0.1)
+    (by_score,) = torch.autograd.grad(objective.sum(), samples)
+    assert torch.isnan(value).all()
+    assert torch.allclose(by_score, by_log_prob, rtol=1e-4, atol=1e-7)
