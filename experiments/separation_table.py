@@ -81,9 +81,17 @@ def finished_results(out_dir, config):
     summary = Path(out_dir) / "summary.json"
     if not summary.is_file():
         return None
+    from dataclasses import asdict
+
+    from experiments.config import SeparationConfig
+
     results = json.loads(summary.read_text())
-    same = (results.get("config") or {}).get("separation") == to_dict(config.separation)
-    return results if same else None
+    stored = (results.get("config") or {}).get("separation")
+    if stored is None:
+        return None
+    # An option missing from an older run did not exist yet: that run had its default behaviour.
+    stored = {**asdict(SeparationConfig()), **stored}
+    return results if stored == to_dict(config.separation) else None
 
 
 def entry_overrides(entry, sources, special, overrides):

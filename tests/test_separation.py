@@ -567,3 +567,16 @@ def test_the_selected_chain_is_the_score_familys_denoising_choice(score_run):
         assert int(chosen["diffusion_selected_of_3"]["chain"]) == int(scores.argmax())
         written = float(chosen["diffusion_selected_of_3"]["selection_score"])
         assert written == pytest.approx(float(scores.max()), rel=1e-4)
+
+
+def test_the_table_reuses_a_finished_entry_from_before_an_option_existed(tmp_path):
+    from experiments.config import to_dict
+    from experiments.separation_table import finished_results
+
+    config = load_config("toy_flow", "default", ["separation.n_test=32"])
+    older = {k: v for k, v in to_dict(config.separation).items() if k not in ("init", "posterior")}
+    (tmp_path / "summary.json").write_text(json.dumps({"config": {"separation": older}, "summary": {}}))
+    assert finished_results(tmp_path, config) is not None
+    assert finished_results(tmp_path, load_config("toy_flow", "default", ["separation.n_test=8"])) is None
+    assert finished_results(tmp_path, load_config("toy_flow", "default", ["separation.n_test=32",
+                                                                           "separation.init=variational"])) is None
