@@ -83,6 +83,14 @@ def finetune_grid(config):
     raise ValueError(f"unknown finetune.grid {config.finetune.grid!r}; choose 'paper003' or 'basis'")
 
 
+def keep_metrics_history(run_dir):
+    """Lightning's CSV logger starts logs/metrics.csv afresh when a run resumes: keep the earlier rows beside it
+    (metrics_part0.csv, metrics_part1.csv, ... in order)."""
+    metrics = Path(run_dir) / "logs" / "metrics.csv"
+    if metrics.is_file():
+        metrics.rename(metrics.with_name(f"metrics_part{len(list(metrics.parent.glob('metrics_part*.csv')))}.csv"))
+
+
 def fit(config, run_dir, module, max_steps, val_check_interval, job_type, early_stopping, extra=None,
         datamodule=None, check_resume=None):
     """Train ``module`` into ``run_dir`` (resuming its last.ckpt). ``datamodule``: None = the config's data;
@@ -93,6 +101,7 @@ def fit(config, run_dir, module, max_steps, val_check_interval, job_type, early_
         return run_dir
     resume = run_dir / "last.ckpt"
     if resume.is_file():
+        keep_metrics_history(run_dir)
         hparams = torch.load(resume, map_location="cpu", weights_only=True)["hyper_parameters"]
         if check_resume is not None:
             check_resume(resume, hparams)

@@ -95,3 +95,16 @@ def test_killed_training_resumes_and_completes(tmp_path):
     assert "Restoring states from the checkpoint" in resumed.stderr
     done = json.loads((run_dir / "done.json").read_text())
     assert done["global_step"] == 80
+
+
+def test_a_resumed_run_keeps_the_metrics_logged_before(tmp_path):
+    from experiments.train import keep_metrics_history
+
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    for part in ("first", "second"):
+        (logs / "metrics.csv").write_text(part)
+        keep_metrics_history(tmp_path)
+    assert (logs / "metrics_part0.csv").read_text() == "first" and (logs / "metrics_part1.csv").read_text() == "second"
+    assert not (logs / "metrics.csv").exists()
+    keep_metrics_history(tmp_path)  # nothing to keep: no error
