@@ -1,5 +1,4 @@
 """The probability-flow ODE likelihood against Gaussian priors, whose noisy densities are closed-form."""
-import math
 
 import pytest
 import torch
