@@ -58,7 +58,7 @@ def main(argv=None):
     eval_mix = 0.5 * torch.randn(8, config.data.eval_length, device=device).tanh()
 
     def train_step():
-        _, _, objective = module.elbo(train_mix, generator)
+        *_, objective = module.elbo(train_mix, generator)
         optimizer.zero_grad(set_to_none=True)
         (-objective.mean()).backward()
         optimizer.step()

@@ -295,11 +295,9 @@ def build_separator(config):
     check_algorithm(config)
     sep, sources = config.separation, separation_sources(config)
     alpha, mixing = resolve_mixing(config, len(sources))
-    if sep.algorithm == "latent":
-        separator, selection, record = latent_separator(config, sources, alpha)
-        return separator, selection, sources, record | {"mixing": mixing, "selection": selection_kind(selection)}
-    if sep.algorithm == "variational":
-        separator, selection, record = variational_separator(config, sources, alpha)
+    if sep.algorithm in ("latent", "variational"):  # their own models, no noise levels
+        build = latent_separator if sep.algorithm == "latent" else variational_separator
+        separator, selection, record = build(config, sources, alpha)
         return separator, selection, sources, record | {"mixing": mixing, "selection": selection_kind(selection)}
     if config.model.name == "lqvae":  # refused before looking for noise levels this family never has
         raise ConfigError(f"the LQ-VAE family's priors score discrete codes: no density gradient for "

@@ -40,12 +40,14 @@ def separate_file(config, mix_path, out_dir, force=False):
     for start in range(0, chunks.shape[0], sep.batch_size):
         batch = chunks[start:start + sep.batch_size]
         seeds = [sep.seed * SEED_STRIDE + start + i for i in range(batch.shape[0])]
-        samples, _ = separator(batch, sep.n_chains, seeds)  # [b, C, N, L]
+        samples, trace = separator(batch, sep.n_chains, seeds)  # [b, C, N, L]
+        mean = trace.get("point_estimates", {}).get("mean")
+        if mean is not None:  # the variational posterior's mean beats any one of its samples (README)
+            estimates.append(mean)
+            continue
         scores = selection_scores(selection_prior, samples.flatten(0, 1)).mean(dim=1).view(batch.shape[0], -1)
         best = scores.nan_to_num(nan=-math.inf).argmax(dim=1)
-        points = separator.point_estimates() if hasattr(separator, "point_estimates") else {}
-        # The variational posterior's mean beats any one of its samples (README); other samplers keep the best chain.
-        estimates.append(points["mean"] if "mean" in points else samples[torch.arange(batch.shape[0]), best])
+        estimates.append(samples[torch.arange(batch.shape[0]), best])
         chunk_scores += scores.max(dim=1).values.tolist()
         chosen_chains += best.tolist()
     separated = torch.cat(estimates).permute(1, 0, 2).reshape(len(sources), -1)[:, :n_samples].cpu()
@@ -53,7 +55,7 @@ def separate_file(config, mix_path, out_dir, force=False):
     info = {
         "input": str(mix_path), "notes": notes, "sources": sources, "sample_rate": config.data.sample_rate,
         "chunk_length": length, "n_chunks": chunks.shape[0], "n_chains": sep.n_chains,
-        "estimate": "posterior mean" if hasattr(separator, "point_estimates") else "selected chain",
+        "estimate": "selected chain" if chosen_chains else "posterior mean",
         "chosen_chain_per_chunk": chosen_chains, "selection_score_per_chunk": chunk_scores,
         "mix_error": float(residual.double().pow(2).mean()), "seed": sep.seed, **record,
     }

@@ -31,8 +31,8 @@ log = logging.getLogger(__name__)
 NET_KEYS = ("width", "n_layers", "kernel_size", "distribution", "init_from_average", "init_scale", "min_scale")
 
 
-def posterior_sources(config, sources=None):
-    sources = list(sources or config.posterior.sources or config.data.sources)
+def posterior_sources(config):
+    sources = list(config.posterior.sources or config.data.sources)
     unknown = [s for s in sources if s not in config.data.sources]
     if unknown or len(set(sources)) != len(sources) or len(sources) < 2:
         raise ConfigError(f"posterior.sources must be at least two distinct sources from the run's priors "
@@ -133,10 +133,10 @@ def train_posterior(config):
     data = OmegaConf.merge(config.data, {"sources": sources, "n_val": post.n_val,
                                          "crop_length": post.crop_length or config.data.crop_length})
     base = build_datamodule(data, seed=config.seed, output_root=config.output_root)
-    datamodule = MixtureDataModule(base, mixing_weights(dataset_mixing(config.data.name), len(sources)).tolist(),
-                                   independent=config.data.name != "toy", batch_size=post.batch_size)
     torch.manual_seed(config.seed)  # the initial weights depend on the seed only
     module = build_module(config, sources, record)
+    datamodule = MixtureDataModule(base, module.alpha.tolist(), independent=config.data.name != "toy",
+                                   batch_size=post.batch_size)
     if not is_done(run_dir):
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "posterior_source.json", json.dumps(record, indent=2))

@@ -16,9 +16,9 @@ import math
 import pytorch_lightning as pl
 import torch
 
-from lightning_modules.nn.elbo import elbo_terms
+from lightning_modules.nn.elbo import elbo_terms, elbo_value
 from lightning_modules.nn.posterior_net import PosteriorNet, PosteriorNetConfig
-from lightning_modules.prior_module import mix_seed, restore_rng_states, save_rng_states
+from lightning_modules.prior_module import any_rank, mix_seed, restore_rng_states, save_rng_states
 from lightning_modules.separation_metrics import si_sdr, si_sdr_of_mix
 
 
@@ -60,14 +60,13 @@ class PosteriorModule(pl.LightningModule):
         return 1.0 if steps == 0 else min(1.0, self.global_step / steps)
 
     def elbo(self, mix, generator):
-        """(ELBO terms, per-mixture ELBO [B] at weight 1, objective [B] at the warm-up weight)."""
+        """(q, ELBO terms, per-mixture ELBO [B] at weight 1, objective [B] at the warm-up weight)."""
         q = self.posterior(mix)
         uniform = torch.rand(mix.shape[0], len(self.sources), mix.shape[1], generator=generator, device=mix.device)
         terms = elbo_terms(q, self.prior, mix.float(), self.alpha, self.hparams.gamma, uniform,
                            self.hparams.score_sigma)
         kl_part = terms["prior_objective"].sum(dim=1) + terms["entropy"].sum(dim=1)
-        elbo = terms["prior"].sum(dim=1) + terms["entropy"].sum(dim=1) + terms["mixture"]
-        return terms, elbo, self.kl_weight() * kl_part + terms["mixture"]
+        return q, terms, elbo_value(terms), self.kl_weight() * kl_part + terms["mixture"]
 
     def reference_elbo(self, mix, references, scale, generator):
         """ELBO [B] of the posterior with the true sources as its location and ``scale``."""
@@ -75,8 +74,7 @@ class PosteriorModule(pl.LightningModule):
         loc = references.clamp(low, high) if self.net.config.distribution == "truncated_normal" else references
         q = self.net.distribution(loc, scale)
         uniform = torch.rand(references.shape, generator=generator, device=mix.device)
-        terms = elbo_terms(q, self.prior, mix, self.alpha, self.hparams.gamma, uniform, self.hparams.score_sigma)
-        return terms["prior"].sum(dim=1) + terms["entropy"].sum(dim=1) + terms["mixture"]
+        return elbo_value(elbo_terms(q, self.prior, mix, self.alpha, self.hparams.gamma, uniform, self.hparams.score_sigma))
 
     def training_step(self, batch, batch_idx):
         if "sources" in batch:
@@ -84,12 +82,9 @@ class PosteriorModule(pl.LightningModule):
                              "wrap the datamodule in datamodules.mixtures_only.MixtureDataModule")
         seed = mix_seed(self.hparams.seed, self.global_rank, self.global_step, batch_idx)
         generator = torch.Generator(device=self.device).manual_seed(seed)
-        terms, elbo, objective = self.elbo(batch["mix"], generator)
+        _, terms, elbo, objective = self.elbo(batch["mix"], generator)
         loss = -objective.mean()
-        skip = ~torch.isfinite(loss.detach()).view(1)
-        if self._trainer is not None and self.trainer.world_size > 1:
-            skip = self.trainer.strategy.reduce(skip.float(), reduce_op="sum") > 0
-        self.skip = bool(skip)
+        self.skip = bool(any_rank(self, ~torch.isfinite(loss.detach()).view(1)))
         if self.skip:  # keep the graph (DDP needs every parameter used); gradients are dropped below
             return loss.nan_to_num(0.0, 0.0, 0.0) * 0
         has_value = self.hparams.score_sigma is None  # a score prior gives the gradient of log p, not its value
@@ -105,10 +100,7 @@ class PosteriorModule(pl.LightningModule):
 
     def on_before_optimizer_step(self, optimizer):
         nonfinite = any(not torch.isfinite(p.grad).all() for p in self.net.parameters() if p.grad is not None)
-        flag = torch.tensor(float(nonfinite), device=self.device)
-        if self._trainer is not None and self.trainer.world_size > 1:
-            flag = self.trainer.strategy.reduce(flag, reduce_op="sum")
-        if self.skip or bool(flag > 0):
+        if self.skip or bool(any_rank(self, torch.tensor([nonfinite], device=self.device))):
             self.skipped_steps += 1
             optimizer.zero_grad(set_to_none=True)
             self.log("train/skipped_steps", float(self.skipped_steps))
@@ -117,22 +109,22 @@ class PosteriorModule(pl.LightningModule):
     def validation_step(self, batch, batch_idx):
         generator = torch.Generator(device=self.device).manual_seed(batch_idx)
         mix = batch["mix"].float()
-        terms, elbo, _ = self.elbo(mix, generator)
+        q, terms, elbo, _ = self.elbo(mix, generator)
         size = mix.shape[0]
         if self.hparams.score_sigma is None:
             self.log("val/elbo", elbo.mean(), sync_dist=True, batch_size=size, prog_bar=True)
         self.log("val/mixture", terms["mixture"].mean(), sync_dist=True, batch_size=size)
         if "sources" in batch:  # monitors only: nothing is selected or stopped on them
             references = batch["sources"].float()
-            q = self.posterior(mix)
             improvement = si_sdr(q.mean, references) - si_sdr_of_mix(mix, references)  # [B, N]
             self.log("val/si_sdri_mean", improvement.mean(), sync_dist=True, batch_size=size, prog_bar=True)
             for k, name in enumerate(self.sources):
                 self.log(f"val/si_sdri_mean_{name}", improvement[:, k].mean(), sync_dist=True, batch_size=size)
             # The diagnosis of a failure: the ELBO of q centred on the true sources (same scales). When it is
             # below the trained q's, the priors and the mixture term prefer a wrong separation.
-            generator = torch.Generator(device=self.device).manual_seed(batch_idx)
             if self.hparams.score_sigma is None:
+                # The same uniforms as the trained q's ELBO above, so the two differ by q alone.
+                generator = torch.Generator(device=self.device).manual_seed(batch_idx)
                 reference_elbo = self.reference_elbo(mix, references, q.scale, generator)
                 self.log("val/elbo_at_references", reference_elbo.mean(), sync_dist=True, batch_size=size)
 

@@ -37,6 +37,13 @@ def mix_seed(*parts):
     return seed
 
 
+def any_rank(module, flags):
+    """Element-wise OR of a bool tensor over DDP ranks (every rank must take the same decision)."""
+    if module._trainer is not None and module.trainer.world_size > 1:
+        flags = module.trainer.strategy.reduce(flags.float(), reduce_op="sum") > 0
+    return flags
+
+
 def save_rng_states(checkpoint):
     """So a resumed run draws what the uninterrupted one would have. Tensors and plain tuples only, so the
     checkpoint loads with weights_only=True."""
@@ -113,12 +120,6 @@ class PriorModule(pl.LightningModule):
         seed = mix_seed(self.hparams.seed, self.global_rank, self.global_step, batch_idx)
         return torch.Generator(device=self.device).manual_seed(seed)
 
-    def any_rank(self, flags):
-        """Element-wise OR of a bool tensor over DDP ranks (every rank must take the same decision)."""
-        if self._trainer is not None and self.trainer.world_size > 1:
-            flags = self.trainer.strategy.reduce(flags.float(), reduce_op="sum") > 0
-        return flags
-
     def objective(self, x, generator):
         """Loss per example and prior [B, N]: the family's own training loss (denoising score matching for
         score priors), else the negative log-likelihood of x + N(0, noise_sigma^2)."""
@@ -152,7 +153,7 @@ class PriorModule(pl.LightningModule):
     def training_step(self, batch, batch_idx):
         # Sum over priors of each prior's mean loss: each prior gets the gradient it would get alone.
         per_prior_loss = self.objective(batch["sources"], self.training_generator(batch_idx)).float().mean(dim=0)
-        skip = self.any_rank(~torch.isfinite(per_prior_loss))
+        skip = any_rank(self, ~torch.isfinite(per_prior_loss))
         self.loss_skip = skip if self.loss_skip is None else self.loss_skip | skip
         # A skipped prior contributes a zero that stays connected to the graph: returning None instead
         # would make Lightning raise under DDP. Its gradients are zeroed in on_before_optimizer_step.

@@ -16,7 +16,7 @@ baselines beside it, one row per (mixture, method):
 * ``<algorithm>_<name>_of_C`` for each of the sampler's own ``extra_choice_names`` (its
   ``extra_choices(mix, estimates) -> {name: [B] chain}``; the latent separator's time-domain consistency);
 * ``<algorithm>_<name>`` for each of the sampler's ``point_estimate_names``: an estimate that is no chain
-  (its ``point_estimates() -> {name: [B, N, T]}`` after each call; the variational posterior's mean).
+  (``trace["point_estimates"] = {name: [B, N, T]}``; the variational posterior's mean).
 
 Every row has SI-SDR, SI-SDRi and (``museval``) BSSEval v4 SDR of the whole item; ``protocol="windowed"``
 adds the windowed SI-SDRi of recent generative separators (``si_sdri_windowed*``, ``windows_kept``), whose
@@ -84,9 +84,7 @@ class SeparationModule(pl.LightningModule):
         seeds = [self.seed * SEED_STRIDE + int(i) for i in indices]
         with torch.inference_mode(False), torch.enable_grad():
             estimates, trace = self.separator(mix.clone(), self.n_chains, seeds)  # [B, C, N, T]
-        points = {f"{self.algorithm}_{name}": estimate.float()
-                  for name, estimate in (self.separator.point_estimates() if hasattr(self.separator, "point_estimates")
-                                         else {}).items()}
+        points = {f"{self.algorithm}_{name}": estimate for name, estimate in trace.get("point_estimates", {}).items()}
         self.trace_loglik += trace["loglik"].double().sum(dim=0)
         self.trace_mix_error += trace["mix_error"].double().sum(dim=0)
         self.count += mix.shape[0]

@@ -4,7 +4,8 @@ forward pass of the posterior network per mixture, no iterations.
 It is a sampler for the separation test loop (lightning_modules/separation.py): ``forward`` returns C
 posterior samples per mixture (each mixture's from its own seeded generator), and its point estimate, the
 posterior mean E_q[s] (for the truncated normal not its location parameter), is a row of its own
-(``variational_mean``). The trace has one entry: the mixture error of the samples.
+(``variational_mean``), returned in the trace as ``point_estimates``. The trace has one step: the mixture
+error of the samples.
 
 ``VariationalInit`` gives the same samples as the starting point of another sampler
 (``separation.init=variational``).
@@ -35,7 +36,6 @@ class VariationalSeparator(nn.Module):
         self.score_model = selection_prior  # ranks the samples (the prior the posterior was trained against)
         self.register_buffer("alpha", posterior_module.alpha.clone())
         self.nonfinite_steps = 0
-        self.last_point_estimates = None
 
     @torch.no_grad()
     def forward(self, mix, n_chains, seeds):
@@ -43,14 +43,10 @@ class VariationalSeparator(nn.Module):
             raise ValueError("one seed per mixture is needed")
         posterior = self.posterior_module.posterior(mix)
         samples = posterior_samples(posterior, n_chains, seeds).float()  # [B, C, N, T]
-        self.last_point_estimates = {"mean": posterior.mean.float()}
         residual = mix.float().unsqueeze(1) - (self.alpha.view(1, 1, -1, 1) * samples).sum(dim=2)
         mix_error = residual.pow(2).mean(dim=(1, 2)).unsqueeze(1)
-        return samples, {"loglik": torch.full_like(mix_error, math.nan), "mix_error": mix_error}
-
-    def point_estimates(self):
-        """{name: [B, N, T]} of the last ``forward``: the posterior mean."""
-        return self.last_point_estimates
+        return samples, {"loglik": torch.full_like(mix_error, math.nan), "mix_error": mix_error,
+                         "point_estimates": {"mean": posterior.mean.float()}}
 
 
 class VariationalInit(nn.Module):

@@ -1,4 +1,6 @@
+import csv
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -38,6 +40,12 @@ TINY_LQVAE = [o for o in TINY if not o.startswith("model.")] + [
 TINY_POSTERIOR = ["posterior.max_steps=30", "posterior.val_check_interval=10", "posterior.width=8",
                   "posterior.n_layers=3", "posterior.n_val=4", "posterior.batch_size=4", "posterior.lr=3e-3",
                   "posterior.prior_sigma=0"]
+
+
+def logged(run_dir, key):
+    """Every value of ``key`` in a run's logs/metrics.csv, in order."""
+    with open(Path(run_dir) / "logs" / "metrics.csv") as stream:
+        return [float(row[key]) for row in csv.DictReader(stream) if row.get(key)]
 
 
 @pytest.fixture

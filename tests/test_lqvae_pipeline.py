@@ -1,6 +1,5 @@
 """The LQ-VAE family end to end on a tiny run: both training stages, the stage-1 report, the latent prior
 contract, the latent cross-likelihood (single process and 2-process DDP)."""
-import csv
 import json
 import shutil
 import subprocess
@@ -15,14 +14,9 @@ from experiments.cross_likelihood import run_cross_likelihood
 from experiments.run_layout import load_prior, prior_dir
 from experiments.train import finetune, train_noiseless
 from experiments.train_lqvae import lqvae_dir, train_latent_priors
-from tests.conftest import TINY_LQVAE
+from tests.conftest import TINY_LQVAE, logged
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def logged(run_dir, key):
-    with open(Path(run_dir) / "logs" / "metrics.csv") as stream:
-        return [float(row[key]) for row in csv.DictReader(stream) if row.get(key)]
 
 
 @pytest.fixture(scope="module")

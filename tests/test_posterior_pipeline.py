@@ -14,16 +14,10 @@ from experiments.cli import main
 from experiments.config import load_config
 from experiments.train import train_noiseless
 from lightning_modules.posterior_module import PosteriorModule
-from tests.conftest import TINY, TINY_POSTERIOR
+from tests.conftest import TINY, TINY_POSTERIOR, logged
 
 REPO = Path(__file__).resolve().parents[1]
-POSTERIOR = TINY_POSTERIOR
 SEPARATE = ["separation.n_test=3", "separation.n_chains=2", "separation.museval=false", "separation.length=256"]
-
-
-def logged(run_dir, key):
-    with open(Path(run_dir) / "logs" / "metrics.csv") as stream:
-        return [float(row[key]) for row in csv.DictReader(stream) if row.get(key)]
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +34,7 @@ def posterior_run(tmp_path_factory):
 
     PosteriorModule.training_step = spy
     try:
-        assert main(["train-posterior", "experiment=toy_flow", *common, *POSTERIOR]) == 0
+        assert main(["train-posterior", "experiment=toy_flow", *common, *TINY_POSTERIOR]) == 0
     finally:
         PosteriorModule.training_step = original
     return {"common": common, "root": root, "seen": seen,
@@ -61,7 +55,7 @@ def test_training_sees_mixtures_only_and_improves_the_elbo(posterior_run):
     assert logged(run_dir, "val/elbo_at_references") and logged(run_dir, "val/si_sdri_mean")
     # Finished: a second run changes nothing.
     before = (run_dir / "last.ckpt").stat().st_mtime
-    assert main(["train-posterior", "experiment=toy_flow", *posterior_run["common"], *POSTERIOR]) == 0
+    assert main(["train-posterior", "experiment=toy_flow", *posterior_run["common"], *TINY_POSTERIOR]) == 0
     assert (run_dir / "last.ckpt").stat().st_mtime == before
 
 
@@ -129,7 +123,7 @@ def test_a_changed_prior_is_refused(posterior_run, tmp_path, capsys):
     args = ["experiment=toy_flow", *TINY, f"output_root={root}", *SEPARATE, "separation.algorithm=variational"]
     assert main(["separate", *args]) == 2
     assert "changed since it was trained" in capsys.readouterr().err
-    assert main(["train-posterior", "experiment=toy_flow", *TINY, f"output_root={root}", *POSTERIOR]) == 2
+    assert main(["train-posterior", "experiment=toy_flow", *TINY, f"output_root={root}", *TINY_POSTERIOR]) == 2
 
 
 @pytest.mark.parametrize("args, message", [
@@ -151,7 +145,7 @@ def test_separation_errors_name_the_fix(posterior_run, args, message, capsys):
 ])
 def test_train_posterior_errors_name_the_fix(posterior_run, experiment, args, message, capsys):
     common = [a for a in posterior_run["common"] if experiment == "toy_flow" or not a.startswith("model.")]
-    assert main(["train-posterior", f"experiment={experiment}", *common, *POSTERIOR, *args]) == 2
+    assert main(["train-posterior", f"experiment={experiment}", *common, *TINY_POSTERIOR, *args]) == 2
     assert message in capsys.readouterr().err
 
 
@@ -161,7 +155,7 @@ def test_train_posterior_runs_under_ddp(posterior_run, tmp_path):
     root = tmp_path / "runs"
     shutil.copytree(posterior_run["root"] / "toy_flow" / "default" / "noiseless",
                     root / "toy_flow" / "default" / "noiseless")
-    args = ["train-posterior", "experiment=toy_flow", *TINY, f"output_root={root}", *POSTERIOR,
+    args = ["train-posterior", "experiment=toy_flow", *TINY, f"output_root={root}", *TINY_POSTERIOR,
             "posterior.max_steps=6", "posterior.val_check_interval=3", "trainer.devices=2", "trainer.strategy=ddp"]
     ddp = subprocess.run([sys.executable, "-m", "experiments.cli", *args], cwd=REPO, capture_output=True, text=True,
                          timeout=300)

@@ -35,6 +35,11 @@ def mixture_term(posterior, mix, alpha, gamma):
     return -(expected / (2 * gamma**2)).mean(dim=1) - 0.5 * math.log(2 * math.pi * gamma**2)
 
 
+def elbo_value(terms):
+    """The ELBO [B] of ``elbo_terms``' output: every term at weight 1."""
+    return terms["prior"].sum(dim=1) + terms["entropy"].sum(dim=1) + terms["mixture"]
+
+
 def elbo_terms(posterior, prior, mix, alpha, gamma, uniform, score_sigma=None):
     """{"prior", "prior_objective", "entropy": [B, N]; "mixture": [B]; "samples": [B, N, T]}.
 
