@@ -28,7 +28,7 @@ CLI = $(PY) -m experiments.cli
 COMMON = experiment=$(EXPERIMENT) preset=$(PRESET) output_root=$(RUNS)
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-slow train-toy-flow train-toy-wavenet train-toy-score train-toy-lqvae train-slakh-lqvae train-musdb-lqvae train-lqvae lqvae-ablation separate-slakh-pairs train-posterior separate-variational train-musdb-score train-slakh-score train-musdb-flow train-musdb-wavenet train-slakh-flow compare-toy compare-musdb train finetune-noise finetune-noise-all cross-likelihood separate-toy separation-table separate bench show-config
+.PHONY: help install test test-slow train-toy-flow train-toy-wavenet train-toy-score train-toy-lqvae train-slakh-lqvae train-musdb-lqvae train-lqvae lqvae-ablation separate-slakh-pairs train-posterior train-pooled separate-variational train-musdb-score train-slakh-score train-musdb-flow train-musdb-wavenet train-slakh-flow compare-toy compare-musdb train finetune-noise finetune-noise-all cross-likelihood separate-toy separation-table separate bench show-config
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-20s %s\n", $$1, $$2}'
@@ -109,6 +109,9 @@ compare-musdb: ## Flow vs WaveNet cross-likelihood side by side (paper 003 Fig. 
 
 train: ## Train the priors of EXPERIMENT (or MODEL)
 	$(CLI) train $(COMMON) $(ARGS)
+
+train-pooled: ## The pooled prior of the discrimination report: one prior of the family on every source, then its noise grid (or SIGMA=)
+	$(CLI) train-pooled $(COMMON) $(if $(SIGMA),sigma=$(SIGMA)) $(ARGS)
 
 finetune-noise: ## Fine-tune the priors on x + N(0, SIGMA^2), e.g. make finetune-noise SIGMA=0.077
 	$(CLI) finetune $(COMMON) sigma=$(SIGMA) $(ARGS)

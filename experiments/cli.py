@@ -2,9 +2,10 @@
 
     python -m experiments.cli COMMAND [experiment=NAME] [preset=A,B] [sigma=S] [key.sub=value ...]
 
-COMMAND is one of: train, train-lqvae, lqvae-ablation, train-posterior, finetune, finetune-all, cross-likelihood, compare, separate,
-separate-file, show-config. ``train`` of an LQ-VAE experiment runs both stages; ``train-lqvae`` only the
-first (the LQ-VAE and its report). ``separate-file`` also takes mix=PATH out=DIR [force=1].
+COMMAND is one of: train, train-lqvae, lqvae-ablation, train-posterior, train-pooled, finetune, finetune-all,
+cross-likelihood, compare, separate, separate-file, show-config. ``train`` of an LQ-VAE experiment runs both
+stages; ``train-lqvae`` only the first (the LQ-VAE and its report). ``train-pooled`` trains one prior of the
+family on every source pooled, then fine-tunes it at ``sigma`` (or over the whole noise grid without one). ``separate-file`` also takes mix=PATH out=DIR [force=1].
 """
 import logging
 import sys
@@ -13,7 +14,7 @@ import warnings
 from experiments.config import ConfigError, load_config
 from experiments.run_layout import parse_sigma
 
-COMMANDS = ("train", "train-lqvae", "lqvae-ablation", "train-posterior", "finetune", "finetune-all", "cross-likelihood",
+COMMANDS = ("train", "train-lqvae", "lqvae-ablation", "train-posterior", "train-pooled", "finetune", "finetune-all", "cross-likelihood",
             "compare", "separate", "separate-file", "show-config")
 SPECIAL_KEYS = ("experiment", "preset", "sigma", "mix", "out", "force")
 
@@ -76,6 +77,12 @@ def run(command, config, sigma, special):
         from experiments.train_posterior import train_posterior
 
         print(f"posterior written to {train_posterior(config)}")
+    elif command == "train-pooled":
+        train_noiseless(config, pooled=True)
+        if sigma is not None:
+            finetune(config, sigma, pooled=True)
+        else:
+            finetune_grid(config, pooled=True)
     elif command == "finetune":
         finetune(config, sigma)
     elif command == "finetune-all":

@@ -172,6 +172,9 @@ class CrossLikelihoodConfig:
     n_input_examples: int = 4
     latent_only: bool = False
     noise_seed: int = 0
+    # Discrimination report: bits of the PCM the lossless coder (FLAC) codes, for the complexity-corrected
+    # score (8, 16 or 24; lightning_modules/coder_length.py).
+    coder_bit_depth: int = 16
 
 
 @dataclass

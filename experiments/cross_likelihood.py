@@ -9,10 +9,12 @@ import dataclasses
 import logging
 
 from callbacks.cross_likelihood_callback import CrossLikelihoodReport
+from datamodules.pooled_sources import POOLED_SOURCE
 from datamodules.registry import build_datamodule
 from experiments.config import ConfigError, to_dict
 from experiments.run_layout import (PAPER003_SIGMAS, canonical_sigma, check_compatible, experiment_dir, finished_sigmas,
                                     load_prior, prior_dir)
+from experiments.train import family_sources
 from experiments.trainer_factory import run_test_loop
 from lightning_modules.cross_likelihood import CrossLikelihoodModule
 from lightning_modules.nn.noise_level_view import NoiseLevelView, ode_method
@@ -56,11 +58,11 @@ def resolve_sigmas(config):
     return sigmas_model, sigmas_data
 
 
-def load_noise_conditional(config):
+def load_noise_conditional(config, pooled=False):
     """The noiseless run's prior, checked against the configured model except for INFERENCE_OPTIONS, which
     are taken from the configuration (e.g. a looser model.ode_tolerance for a quick study)."""
-    directory = prior_dir(config, 0.0)
-    module = load_prior(directory, list(config.data.sources))
+    directory = prior_dir(config, 0.0, pooled=pooled)
+    module = load_prior(directory, family_sources(config, pooled))
     model = to_dict(config.model)
     stored = dict(module.hparams["model"])
     stored.update({key: model.get(key) for key in INFERENCE_OPTIONS})
@@ -70,6 +72,25 @@ def load_noise_conditional(config):
     if configured:
         prior.cfg = dataclasses.replace(prior.cfg, **configured)
     return prior
+
+
+def load_pooled(config, sigmas_model):
+    """The pooled prior (make train-pooled) at each sigma_model, None where it was not trained."""
+    if is_noise_conditional(to_dict(config.model)):
+        if 0.0 not in finished_sigmas(config, pooled=True):
+            pooled = [None] * len(sigmas_model)
+        else:
+            prior = load_noise_conditional(config, pooled=True)
+            pooled = [NoiseLevelView(prior, s) for s in sigmas_model]
+    else:
+        available = finished_sigmas(config, pooled=True)
+        pooled = [load_prior(prior_dir(config, s, pooled=True), [POOLED_SOURCE], to_dict(config.model)).prior
+                  if s in available else None for s in sigmas_model]
+    missing = [s for s, p in zip(sigmas_model, pooled) if p is None]
+    if missing:
+        log.warning("no pooled prior at sigma_model %s: the discrimination report has no likelihood-ratio score "
+                    "there (make train-pooled EXPERIMENT=%s PRESET=%s)", missing, config.experiment, config.preset)
+    return pooled
 
 
 def run_cross_likelihood(config):
@@ -98,6 +119,8 @@ def run_cross_likelihood(config):
         n_input_examples=cl.n_input_examples, input_length=config.data.eval_length,
         latent_only=cl.latent_only, noise_seed=cl.noise_seed, table_sigma=PAPER003_SIGMAS[-1],
         likelihood_method=method, denoising_sigmas=denoising_sigmas,
+        pooled_priors=load_pooled(config, sigmas_model), sample_rate=config.data.sample_rate,
+        coder_bit_depth=cl.coder_bit_depth,
     )
     report = CrossLikelihoodReport(out_dir, to_dict(config))
     datamodule = build_datamodule(config.data, seed=config.seed, n_test=cl.n_test, output_root=config.output_root)

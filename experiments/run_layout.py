@@ -6,6 +6,8 @@
     {output_root}/{experiment}/{run_name}/basis_grid/sigma_0.0774/  the BASIS grid: each level fine-tuned from
                                                             its smaller neighbour (GRID=basis)
     {output_root}/{experiment}/{run_name}/cross_likelihood/ CSV, JSON, PNG, Markdown, config.yaml
+    {output_root}/{experiment}/{run_name}/pooled/noiseless/, pooled/sigma_0.077/, ...  the generic prior
+                                                            trained on every source pooled (make train-pooled)
 """
 import json
 import math
@@ -56,11 +58,16 @@ def check_grid(grid):
     return grid
 
 
-def prior_dir(config, sigma=0.0, grid="paper003"):
+def family_dir(config, pooled=False):
+    """The folder of the run's per-source priors, or of its pooled prior (one prior of all sources)."""
+    return experiment_dir(config) / "pooled" if pooled else experiment_dir(config)
+
+
+def prior_dir(config, sigma=0.0, grid="paper003", pooled=False):
     """The run folder of the prior at ``sigma`` (0 = noiseless, shared by both grids) in ``grid``'s layout."""
     if sigma == 0:
-        return experiment_dir(config) / "noiseless"
-    folder = experiment_dir(config) / GRID_SUBDIR[check_grid(grid)]
+        return family_dir(config, pooled) / "noiseless"
+    folder = family_dir(config, pooled) / GRID_SUBDIR[check_grid(grid)]
     return folder / f"sigma_{canonical_sigma(sigma):g}"
 
 
@@ -72,9 +79,9 @@ def mark_done(run_dir, info):
     atomic_write_text(Path(run_dir) / "done.json", json.dumps(info, indent=2))
 
 
-def finished_sigmas(config, grid="paper003"):
+def finished_sigmas(config, grid="paper003", pooled=False):
     """Noise levels (0 = noiseless) whose training finished in ``grid``'s layout, sorted."""
-    root = experiment_dir(config)
+    root = family_dir(config, pooled)
     found = [0.0] if is_done(root / "noiseless") else []
     for path in (root / GRID_SUBDIR[check_grid(grid)]).glob("sigma_*"):
         if is_done(path):

@@ -92,9 +92,10 @@ def digest(path):
     return sha.hexdigest()
 
 
-def train_latent_priors(config):
-    """Stage 2: the per-source Transformers over the codes of the finished stage-1 LQ-VAE."""
-    from experiments.train import fit
+def train_latent_priors(config, pooled=False):
+    """Stage 2: the per-source Transformers over the codes of the finished stage-1 LQ-VAE (``pooled``: one
+    Transformer over every source's codes, the pooled prior of the discrimination report)."""
+    from experiments.train import family_data, family_sources, fit
     from lightning_modules.latent_prior_module import LatentPriorModule
 
     check_lqvae_config(config)
@@ -102,12 +103,12 @@ def train_latent_priors(config):
     if not is_done(stage1):
         raise FileNotFoundError(f"no finished LQ-VAE at {stage1}; run stage 1 first "
                                 f"(make train-lqvae EXPERIMENT={config.experiment} PRESET={config.preset})")
-    run_dir = prior_dir(config, 0.0)
+    run_dir = prior_dir(config, 0.0, pooled=pooled)
     source_file = run_dir / "lqvae_source.json"
     stage1_digest = digest(stage1 / "last.ckpt")
     pl.seed_everything(config.seed, workers=True)
     module = LatentPriorModule(
-        model=to_dict(config.model), sources=list(config.data.sources), lr=config.optim.lr,
+        model=to_dict(config.model), sources=family_sources(config, pooled), lr=config.optim.lr,
         lr_decay=config.optim.lr_decay, lr_decay_times=config.optim.lr_decay_times,
         schedule_steps=config.trainer.max_steps, noise_sigma=0.0, seed=config.seed,
     )
@@ -120,10 +121,11 @@ def train_latent_priors(config):
         atomic_write_text(source_file, json.dumps({"checkpoint": str(stage1 / "last.ckpt"), "sha256": stage1_digest}))
     if not (run_dir / "last.ckpt").is_file():
         module.load_lqvae(stage1 / "last.ckpt")
+    extra = {"lqvae": str(stage1), **({"pooled_sources": list(config.data.sources)} if pooled else {})}
     return fit(config, run_dir, module, config.trainer.max_steps, config.trainer.val_check_interval,
-               job_type="train", early_stopping=False, extra={"lqvae": str(stage1)})
+               job_type="train", early_stopping=False, extra=extra, datamodule=family_data(config, pooled))
 
 
-def train_both(config):
+def train_both(config, pooled=False):
     train_lqvae(config)
-    return train_latent_priors(config)
+    return train_latent_priors(config, pooled)

@@ -8,12 +8,20 @@ A family with ``denoising_losses(x, sigmas, seed) -> [S, B, N]`` (the score prio
 per-sigma denoising-loss matrix: ``mse[s][k][j]`` = mean over test examples of prior j's denoising MSE
 ||D_j(x_k + sigma_s eps, sigma_s) - x_k||^2 / T on source k's clean example (noise fixed per example).
 It is not a likelihood, only a second view of which prior explains which source.
+
+Per-crop values for the discrimination report (callbacks/discrimination.py) are kept too, gathered over ranks
+and ordered by example index: every prior's log-likelihood of every source's (noisy) crop, the pooled
+prior's (``pooled_priors``, one prior of the family trained on all sources; None where none was trained at
+that level) and the crop's length under a lossless coder (lightning_modules/coder_length.py).
 """
 import math
 
 import pytorch_lightning as pl
 import torch
+import torch.distributed as dist
 from torch import nn
+
+from lightning_modules.coder_length import check_bit_depth, coder_length, log_step
 
 INPUT_KINDS = ("constant 0", "constant 1", "gaussian std 0.5")
 DENOISING_LABEL = ("denoising MSE ||D_j(x_k + sigma eps, sigma) - x_k||^2 / T (lower = prior j explains source k "
@@ -51,11 +59,20 @@ class CrossLikelihoodModule(pl.LightningModule):
 
     def __init__(self, priors, sigmas_model, sources, sigmas_data=(), inputs=INPUT_KINDS,
                  n_input_examples=4, input_length=16384, latent_only=False, noise_seed=0, table_sigma=None,
-                 likelihood_method=None, denoising_sigmas=None):
+                 likelihood_method=None, denoising_sigmas=None, pooled_priors=None, sample_rate=None,
+                 coder_bit_depth=16):
         super().__init__()
         if len(priors) != len(sigmas_model):
             raise ValueError("one sigma_model per prior family is needed")
+        pooled_priors = list(pooled_priors) if pooled_priors is not None else [None] * len(priors)
+        if len(pooled_priors) != len(priors):
+            raise ValueError("one pooled prior (or None) per sigma_model is needed")
         self.priors = nn.ModuleList(priors)
+        # ModuleList takes no None: the missing levels are remembered by position.
+        self.pooled_levels = [a for a, p in enumerate(pooled_priors) if p is not None]
+        self.pooled = nn.ModuleList([p for p in pooled_priors if p is not None])
+        self.sample_rate, self.coder_bit_depth = sample_rate, check_bit_depth(coder_bit_depth)
+        self.crop_parts = []
         self.sigmas_model = [float(s) for s in sigmas_model]
         self.sigmas_data = [float(s) for s in sigmas_data]
         self.sources = list(sources)
@@ -103,22 +120,73 @@ class CrossLikelihoodModule(pl.LightningModule):
             buffer.zero_()
         if self.denoising_sigmas is not None:
             self.denoising_sums.zero_()
+        self.crop_parts = []
+
+    def pooled_prior(self, a):
+        return self.pooled[self.pooled_levels.index(a)] if a in self.pooled_levels else None
+
+    def crop_values(self, a, noisy):
+        """[B, N] pooled-prior log-likelihoods (nan without a pooled prior) and coder lengths (nan without a
+        sample rate) of each source's crop under model a."""
+        batch_size, n_sources, length = noisy.shape
+        pooled, lengths = [torch.full((batch_size, n_sources), math.nan, dtype=torch.float64) for _ in range(2)]
+        if self.pooled_prior(a) is not None:
+            # Every source's crop is one example of the one-source pooled prior.
+            crops = noisy.reshape(batch_size * n_sources, 1, length)
+            pooled = self.log_prob(self.pooled_prior(a), crops).view(batch_size, n_sources).cpu()
+        if self.sample_rate is not None:
+            lengths = coder_length(noisy, self.sample_rate, self.coder_bit_depth)
+        return pooled, lengths
 
     def test_step(self, batch, batch_idx):
         x = batch["sources"]
         batch_size, n_sources, _ = x.shape
         noise = example_noise(batch["index"].tolist(), x.shape[1:], self.noise_seed).to(x)
+        crops = {"index": batch["index"].cpu().long(), "loglik": [], "pooled": [], "coder_length": []}
         for a, (prior, sigma_model) in enumerate(zip(self.priors, self.sigmas_model)):
             noisy = x + sigma_model * noise
+            rows = []
             for k in range(n_sources):
                 # Source k fed to every prior j at once: one grouped pass gives row k of M.
                 as_every_source = noisy[:, k : k + 1].expand(-1, n_sources, -1)
-                self.matrix_sums[a, k] += self.log_prob(prior, as_every_source).sum(dim=0)
+                rows.append(self.log_prob(prior, as_every_source))
+                self.matrix_sums[a, k] += rows[-1].sum(dim=0)
+            crops["loglik"].append(torch.stack(rows, dim=1).cpu())  # [B, N(data k), N(prior j)]
+            pooled, lengths = self.crop_values(a, noisy)
+            crops["pooled"].append(pooled)
+            crops["coder_length"].append(lengths)
             for b, sigma_data in enumerate(self.sigmas_data):
                 self.grid_sums[a, b] += self.log_prob(prior, x + sigma_data * noise).sum(dim=0)
         if self.denoising_sigmas is not None:
             self.denoising_sums += self.denoising_rows(x, batch["index"].tolist())
         self.count += batch_size
+        # [A, B, ...] per batch; gathered and ordered by index at the end of the epoch.
+        self.crop_parts.append({key: value if key == "index" else torch.stack(value)
+                                for key, value in crops.items()})
+
+    def per_crop(self):
+        """Every rank's per-crop values, ordered by example index (so independent of the sharding)."""
+        parts = self.crop_parts
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            gathered = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, parts)
+            parts = [part for rank_parts in gathered for part in rank_parts]
+        index = torch.cat([part["index"] for part in parts])
+        order = torch.argsort(index)
+        values = {key: torch.cat([part[key] for part in parts], dim=1)[:, order]
+                  for key in ("loglik", "pooled", "coder_length")}
+        pooled = [values["pooled"][a].tolist() if a in self.pooled_levels else None
+                  for a in range(len(self.sigmas_model))]
+        return {
+            "index": index[order].tolist(),
+            "sigma_model": self.sigmas_model,
+            "loglik": values["loglik"].tolist(),  # [A][crop][data k][prior j]
+            "pooled": pooled,  # [A][crop][data k], None where no pooled prior at that level
+            "coder_length": values["coder_length"].tolist() if self.sample_rate is not None else None,
+            "coder": {"name": "FLAC (soundfile, level 8)", "bit_depth": self.coder_bit_depth,
+                      "log_step": log_step(self.coder_bit_depth), "sample_rate": self.sample_rate,
+                      "units": "nats per sample, header overhead excluded"} if self.sample_rate is not None else None,
+        }
 
     def on_test_epoch_end(self):
         reduce = self.trainer.strategy.reduce
@@ -144,6 +212,7 @@ class CrossLikelihoodModule(pl.LightningModule):
             "inputs_table": self.inputs_table(),
             "inputs_table_sigmas": self.inputs_table_sigmas() if self.inputs else None,
             "likelihood_method": self.likelihood_method,
+            "per_crop": self.per_crop(),
         }
         if self.denoising_sigmas is not None:
             denoising_sums = reduce(self.denoising_sums.clone(), reduce_op="sum")
@@ -175,5 +244,10 @@ class CrossLikelihoodModule(pl.LightningModule):
             x = synthetic_input(kind, self.n_input_examples, len(self.sources), self.input_length, self.noise_seed)
             for a in chosen:
                 loglik = self.log_prob(self.priors[a], x.to(self.device)).mean(dim=0)
-                rows.append({"input": kind, "sigma_model": self.sigmas_model[a], "loglik": loglik.tolist()})
+                row = {"input": kind, "sigma_model": self.sigmas_model[a], "loglik": loglik.tolist()}
+                # The same input in every channel: the pooled prior and the coder see its first.
+                pooled, lengths = self.crop_values(a, x[:, :1].to(self.device))
+                row["pooled"] = float(pooled.mean()) if self.pooled_prior(a) is not None else None
+                row["coder_length"] = float(lengths.mean()) if self.sample_rate is not None else None
+                rows.append(row)
         return rows
