@@ -1,7 +1,8 @@
 """Slakh2100 (paper 002 §5): synthesised multi-track songs, one source per instrument class.
 
 Each track folder holds ``metadata.yaml`` (``stems: {S00: {inst_class: Guitar, audio_rendered: true}}``)
-and ``stems/Sxx.flac``. A source is an ``inst_class`` (matched case-insensitively); several stems of
+and ``stems/Sxx.flac`` (or ``Sxx.wav``, or any other format soundfile reads: converted copies of the dataset
+are common; where one stem has several, ``.flac`` is preferred, then ``.wav``). A source is an ``inst_class`` (matched case-insensitively); several stems of
 one class in a track are summed. Tracks lacking any requested class are left out (every frame of
 theirs would be silent for that class). Splits are the dataset's own ``train/``, ``validation/`` and
 ``test/`` folders. Audio is read with soundfile, downmixed to mono and resampled with torchaudio.
@@ -15,7 +16,16 @@ from datamodules.stem_datamodule import DatasetLayoutError, StemDataModule, Trac
 DEFAULT_CLASSES = ("drums", "bass", "guitar", "piano")
 FOLDERS = {"train": "train", "val": "validation", "test": "test"}
 LAYOUT = """  $SLAKH_ROOT/{train,validation,test}/TrackNNNNN/metadata.yaml   (stems: {S00: {inst_class: Bass, ...}, ...})
-  $SLAKH_ROOT/{train,validation,test}/TrackNNNNN/stems/S00.flac, S01.flac, ..."""
+  $SLAKH_ROOT/{train,validation,test}/TrackNNNNN/stems/S00.flac, S01.flac, ...   (or .wav, any soundfile format)"""
+# File extensions soundfile reads (its format names, and the usual aliases); the first two are preferred.
+READABLE = ["flac", "wav"] + sorted({f.lower() for f in soundfile.available_formats()} - {"flac", "wav"}
+                                    | {"aif", "oga"})
+
+
+def stem_file(stems_folder, stem):
+    """stems/<stem>.<ext> in the first READABLE format present; the .flac path (missing) when there is none."""
+    found = {path.suffix[1:].lower(): path for path in stems_folder.glob(f"{stem}.*") if path.is_file()}
+    return next((found[ext] for ext in READABLE if ext in found), stems_folder / f"{stem}.flac")
 
 
 def read_metadata(track_folder):
@@ -90,12 +100,13 @@ class SlakhDataModule(StemDataModule):
         seen = set(stems.values())
         if not set(self.sources) <= seen:
             return None, seen
-        class_files = [[track_folder / "stems" / f"{stem}.flac" for stem, c in sorted(stems.items()) if c == name]
+        class_files = [[stem_file(track_folder / "stems", stem) for stem, c in sorted(stems.items()) if c == name]
                        for name in self.sources]
         files = [f for group in class_files for f in group]
         missing = [str(f) for f in files if not f.is_file()]
         if missing:
-            decode = _raiser(f"metadata.yaml lists stems that are missing: {', '.join(missing)}")
+            decode = _raiser(f"metadata.yaml lists stems that are missing (no file in any format soundfile reads): "
+                             f"{', '.join(missing)}")
             return Track(name=track_folder.name, files=[track_folder], decode=decode), seen
         decode = lambda: decode_track(class_files, self.sample_rate)  # noqa: E731
         return Track(name=track_folder.name, files=files, decode=decode,

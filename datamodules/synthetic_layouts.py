@@ -72,8 +72,9 @@ def write_musdb_stems(root, n_train=3, n_test=2, seconds=3.0, rate=44100, seed=0
     return root
 
 
-def write_slakh(root, tracks, seconds=3.0, rate=44100, seed=0):
-    """Slakh2100 layout. ``tracks``: {folder (train/validation/test): [[inst_class of S00, S01, ...], ...]}."""
+def write_slakh(root, tracks, seconds=3.0, rate=44100, seed=0, extension="flac"):
+    """Slakh2100 layout. ``tracks``: {folder (train/validation/test): [[inst_class of S00, S01, ...], ...]};
+    ``extension``: the stems' audio format (flac as distributed; wav as in converted copies)."""
     root, rng = Path(root), np.random.default_rng(seed)
     for split, track_classes in tracks.items():
         for number, classes in enumerate(track_classes):
@@ -82,7 +83,7 @@ def write_slakh(root, tracks, seconds=3.0, rate=44100, seed=0):
             stems = {}
             for index, inst_class in enumerate(classes):
                 stem = f"S{index:02d}"
-                soundfile.write(folder / "stems" / f"{stem}.flac", synthetic_stem(rng, seconds, rate, channels=1), rate)
+                soundfile.write(folder / "stems" / f"{stem}.{extension}", synthetic_stem(rng, seconds, rate, channels=1), rate)
                 stems[stem] = {"inst_class": inst_class, "audio_rendered": True, "program_num": index}
             (folder / "metadata.yaml").write_text(yaml.safe_dump({"audio_dir": "stems", "stems": stems}))
     return root

@@ -56,6 +56,28 @@ def test_classes_are_selected_summed_and_resampled(root, tmp_path):
     assert names == ["Track00001", "Track00002", "Track00003"]
 
 
+def test_wav_stems_are_read_like_flac_ones(root, tmp_path):
+    layout = {"train": [FULL + ["Guitar"], ["Drums", "Bass", "Guitar"]], "validation": [FULL], "test": [FULL]}
+    flac = write_slakh(tmp_path / "flac", layout, seconds=1.0)
+    wav = write_slakh(tmp_path / "wav", layout, seconds=1.0, extension="wav")
+    assert not list(wav.rglob("*.flac"))
+    flac_songs, flac_names = datamodule(flac, tmp_path / "cache_flac").load_songs("train")
+    wav_songs, wav_names = datamodule(wav, tmp_path / "cache_wav").load_songs("train")
+    assert wav_names == flac_names == ["Track00001"]  # the same metadata rules: Track00002 lacks piano
+    np.testing.assert_allclose(np.asarray(wav_songs.array(0)), np.asarray(flac_songs.array(0)), atol=1e-4)
+    # A stem present in two formats is read from its .flac; a stem in no readable format is missing.
+    stems = wav / "train" / "Track00001" / "stems"
+    soundfile.write(stems / "S00.flac", np.zeros(22050, dtype=np.float32), 22050)
+    song = np.asarray(datamodule(wav, tmp_path / "cache_both").load_songs("train")[0].array(0))
+    assert np.abs(song[0]).max() == 0 and np.abs(song[1]).max() > 0
+    for path in stems.glob("S01.*"):
+        path.rename(path.with_suffix(".txt"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SkippedTrackWarning)
+        with pytest.raises(DatasetLayoutError, match="(?s)missing.*S01.flac"):
+            datamodule(wav, tmp_path / "cache_missing").load_songs("train")
+
+
 def test_splits_come_from_the_folders_and_batches_have_the_right_shape(root, tmp_path):
     dm = datamodule(root, tmp_path / "cache")
     dm.setup("fit")
