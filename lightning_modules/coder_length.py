@@ -55,6 +55,7 @@ def overhead_bytes(length, sample_rate, bit_depth):
 
 def coder_length(x, sample_rate, bit_depth=16):
     """x [..., T] (tensor) -> L(x) [...] float64 tensor, nats per sample, one FLAC stream per crop."""
+    check_bit_depth(bit_depth)
     if not (isinstance(sample_rate, (int, float)) and 0 < sample_rate <= 655350):
         raise ValueError(f"FLAC needs a sample rate in (0, 655350] Hz, got {sample_rate!r}")
     flat = x.detach().to("cpu", torch.float64).reshape(-1, x.shape[-1]).numpy()

@@ -127,6 +127,8 @@ def test_make_cross_likelihood_runs_on_a_tiny_score_run(tmp_path):
 
     common = ["experiment=toy_score", *TINY_SCORE, f"output_root={tmp_path}"]
     assert main(["train", *common, "trainer.max_steps=4", "trainer.val_check_interval=4"]) == 0
+    # One noise-conditional pooled network serves the ratio score at every level.
+    assert main(["train-pooled", *common, "trainer.max_steps=4", "trainer.val_check_interval=4"]) == 0
     config = load_config("toy_score", "default", TINY_SCORE + [f"output_root={tmp_path}"])
     # Any level is served by the noiseless run: an explicit list needs no fine-tuned copies.
     config.cross_likelihood.sigmas_model = [0.2]
@@ -145,6 +147,9 @@ def test_make_cross_likelihood_runs_on_a_tiny_score_run(tmp_path):
         (kind, s) for kind in ("constant 0", "constant 1", "gaussian std 0.5") for s in (0.0, 0.359)}
     values = [v for m in results["matrices"] for row in m["loglik"] for v in row]
     values += [v for row in results["inputs_table"] for v in row["loglik"]]
+    report = json.loads((out / "discrimination.json").read_text())
+    assert [level["sigma_model"] for level in report["levels"]] == levels
+    assert all(level["ratio"] is not None for level in report["levels"])
     assert all(isinstance(v, float) and math.isfinite(v) for v in values)
     # Noisier data under the matching (wider) model scores lower per sample, as a density must on average.
     grid = torch.tensor(results["noise_grid"]["loglik"])  # [sigma_model, sigma_data, source]

@@ -98,6 +98,16 @@ def test_latent_cross_likelihood_is_labelled_and_equal_under_ddp(lqvae_run):
                               torch.tensor(b["loglik"], dtype=torch.float64), rtol=1e-5, atol=1e-5)
 
 
+def test_pooled_latent_prior_gives_the_ratio_score(lqvae_run):
+    """The same code path as every family: one Transformer over every source's codes, on the frozen LQ-VAE."""
+    run_dir = train_latent_priors(lqvae_run, pooled=True)
+    assert run_dir == prior_dir(lqvae_run, 0.0, pooled=True)
+    assert load_prior(run_dir).sources == ["pooled"]
+    results, out_dir = run_cross_likelihood(lqvae_run)
+    report = json.loads((out_dir / "discrimination.json").read_text())
+    assert set(report["levels"][0]["ratio"]["auroc"]) == set(lqvae_run.data.sources)
+
+
 def test_compare_includes_the_latent_priors_with_their_label(lqvae_run, tmp_path):
     from experiments.compare import run_compare
 

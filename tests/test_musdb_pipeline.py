@@ -22,6 +22,13 @@ def test_train_and_cross_likelihood_on_musdb(tmp_path, capsys):
     matrix = results["matrices"][0]["loglik"]
     assert len(matrix) == 4 and all(len(row) == 4 for row in matrix)
     assert (tmp_path / "runs" / "stem_cache").is_dir()
+    # The discrimination report on any dataset root, with the pooled prior of the four stems.
+    assert main(["train-pooled", *args, "sigma=0.077", "finetune.max_steps=4"]) == 0
+    assert json.loads((run / "pooled" / "noiseless" / "done.json").read_text())["pooled_sources"] == results["sources"]
+    assert main(["cross-likelihood", *args]) == 0
+    report = json.loads((run / "cross_likelihood" / "discrimination.json").read_text())
+    assert report["sources"] == results["sources"] and report["coder"]["sample_rate"] == 16000
+    assert set(report["levels"][0]["ratio"]["auroc"]) == set(results["sources"])
     # The variational posterior trains on random sums of stems from different songs (sum mixing) and separates.
     assert main(["train-posterior", *args, *TINY_POSTERIOR, "posterior.max_steps=4", "posterior.val_check_interval=2"]) == 0
     source = json.loads((run / "posterior" / "drums-bass-other-vocals" / "posterior_source.json").read_text())

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from callbacks.discrimination import discrimination
 from experiments.config import load_config
 from experiments.cross_likelihood import run_cross_likelihood
 from experiments.run_layout import load_prior, prior_dir
@@ -30,6 +31,8 @@ def trained_run(tmp_path_factory):
     config = load_config("toy_flow", "default", TINY + [f"output_root={root}"])
     train_noiseless(config)
     finetune(config, 0.077)
+    train_noiseless(config, pooled=True)  # the discrimination report's pooled prior, at both levels
+    finetune(config, 0.077, pooled=True)
     return config
 
 
@@ -96,6 +99,55 @@ def test_cross_likelihood_outputs(trained_run):
         assert (out_dir / name).is_file(), name
     loaded = json.loads((out_dir / "cross_likelihood.json").read_text())
     assert all(math.isfinite(v) for row in loaded["matrices"][0]["loglik"] for v in row)
+    # The per-crop values behind the discrimination report: in index order, averaging to the matrices.
+    per_crop = results["per_crop"]
+    assert per_crop["index"] == list(range(7))
+    for a, entry in enumerate(results["matrices"]):
+        mean = torch.tensor(per_crop["loglik"][a], dtype=torch.float64).mean(dim=0)
+        assert torch.allclose(mean, torch.tensor(entry["loglik"], dtype=torch.float64), rtol=1e-9, atol=1e-9)
+    # The pooled prior's value of a crop is its own log_prob of that crop (test example 3, source 1, noiseless).
+    from datamodules.registry import build_datamodule
+
+    pooled = load_prior(prior_dir(trained_run, 0.0, pooled=True))
+    assert pooled.sources == ["pooled"]
+    data = build_datamodule(trained_run.data, seed=0, n_test=7)
+    crop = data.dataset("test")[3]["sources"][1].view(1, 1, -1)
+    with torch.no_grad():
+        assert per_crop["pooled"][0][3][1] == pytest.approx(float(pooled.log_prob(crop)), abs=1e-5)
+    assert all(math.isfinite(v) and v > 0 for level in per_crop["coder_length"] for crop in level for v in crop)
+    report = json.loads((out_dir / "discrimination.json").read_text())
+    assert [level["sigma_model"] for level in report["levels"]] == [0.0, 0.077]
+    for level in report["levels"]:
+        assert all(level[kind] is not None for kind in ("raw", "complexity", "ratio"))
+        assert all(0 <= v <= 1 for v in level["raw"]["auroc"].values())
+    for name in ("discrimination.csv", "discrimination.md", "discrimination.png"):
+        assert (out_dir / name).is_file(), name
+
+
+def test_pooled_prior_trains_on_every_sources_crops(trained_run, tmp_path, monkeypatch):
+    from datamodules.registry import build_datamodule
+
+    seen = []
+    original = PriorModule.training_step
+
+    def spy(self, batch, batch_idx):
+        seen.append((batch["index"].clone(), batch["sources"].clone()))
+        return original(self, batch, batch_idx)
+
+    monkeypatch.setattr(PriorModule, "training_step", spy)
+    config = load_config("toy_flow", "default", TINY + [f"output_root={tmp_path}", "trainer.max_steps=6"])
+    train_noiseless(config, pooled=True)
+    base = build_datamodule(config.data, seed=0).dataset("train")
+    sources = set()
+    for index, crops in seen:
+        assert crops.shape == (8, 1, 256)
+        for i, crop in zip(index.tolist(), crops):
+            example, k = divmod(i, 4)
+            assert torch.equal(crop[0], base[example]["sources"][k])
+            sources.add(k)
+    assert len(seen) == 6 and sources == {0, 1, 2, 3}
+    done = json.loads((prior_dir(config, 0.0, pooled=True) / "done.json").read_text())
+    assert done["pooled_sources"] == ["sine", "square", "saw", "triangle"]
 
 
 def cli(*args, cwd=REPO):
@@ -118,6 +170,15 @@ def test_ddp_cross_likelihood_equals_single_process(trained_run, tmp_path):
                               torch.tensor(b["loglik"], dtype=torch.float64), rtol=1e-5, atol=1e-5)
     assert torch.allclose(torch.tensor(single_json["noise_grid"]["loglik"], dtype=torch.float64),
                           torch.tensor(ddp_json["noise_grid"]["loglik"], dtype=torch.float64), rtol=1e-5, atol=1e-5)
+    # The per-crop values (every prior's, the pooled prior's, the coder lengths) and so the discrimination report.
+    single_crops, ddp_crops = single_json["per_crop"], ddp_json["per_crop"]
+    assert single_crops["index"] == ddp_crops["index"] == list(range(7))
+    for key in ("loglik", "pooled", "coder_length"):
+        assert torch.allclose(torch.tensor(single_crops[key], dtype=torch.float64),
+                              torch.tensor(ddp_crops[key], dtype=torch.float64), rtol=1e-5, atol=1e-5), key
+    out = prior_dir(trained_run, 0.0).parent / "cross_likelihood" / "discrimination.json"
+    assert json.loads(out.read_text())["levels"][0]["ratio"]["auroc"] == pytest.approx(
+        discrimination(single_json)["levels"][0]["ratio"]["auroc"])
 
 
 def test_bf16_mixed_precision_training_runs_on_cpu(tmp_path):
@@ -164,8 +225,11 @@ def test_wavenet_train_finetune_cross_likelihood_and_compare(trained_run, likeli
     history = val_logliks(prior_dir(config, 0.0))
     assert history[-1] > history[0] + 0.03, history
     finetune(config, 0.05)
+    train_noiseless(config, pooled=True)  # the pooled WaveNet: the ratio score at sigma 0 only
     results, out_dir = run_cross_likelihood(config)
     assert [m["sigma_model"] for m in results["matrices"]] == [0.0, 0.05]
+    levels = json.loads((out_dir / "discrimination.json").read_text())["levels"]
+    assert levels[0]["ratio"] is not None and levels[1]["ratio"] is None and levels[1]["complexity"] is not None
     values = [v for m in results["matrices"] for row in m["loglik"] for v in row]
     assert all(math.isfinite(v) for v in values)
     if likelihood == "mulaw":
