@@ -127,8 +127,6 @@ def test_make_cross_likelihood_runs_on_a_tiny_score_run(tmp_path):
 
     common = ["experiment=toy_score", *TINY_SCORE, f"output_root={tmp_path}"]
     assert main(["train", *common, "trainer.max_steps=4", "trainer.val_check_interval=4"]) == 0
-    # One noise-conditional pooled network serves the ratio score at every level.
-    assert main(["train-pooled", *common, "trainer.max_steps=4", "trainer.val_check_interval=4"]) == 0
     config = load_config("toy_score", "default", TINY_SCORE + [f"output_root={tmp_path}"])
     # Any level is served by the noiseless run: an explicit list needs no fine-tuned copies.
     config.cross_likelihood.sigmas_model = [0.2]
@@ -149,7 +147,16 @@ def test_make_cross_likelihood_runs_on_a_tiny_score_run(tmp_path):
     values += [v for row in results["inputs_table"] for v in row["loglik"]]
     report = json.loads((out / "discrimination.json").read_text())
     assert [level["sigma_model"] for level in report["levels"]] == levels
-    assert all(level["ratio"] is not None for level in report["levels"])
+    assert all(level["complexity"] is not None and level["ratio"] is None for level in report["levels"])
+    # One noise-conditional pooled network serves the ratio score at every level (its ODE likelihood is the
+    # family's, tested above; the flow, WaveNet and LQ-VAE pipelines run the ratio end to end).
+    from experiments.cross_likelihood import load_pooled
+    from lightning_modules.nn.noise_level_view import NoiseLevelView
+
+    assert main(["train-pooled", *common, "trainer.max_steps=4", "trainer.val_check_interval=4"]) == 0
+    pooled = load_pooled(config, [0.0, 0.2])
+    assert all(isinstance(view, NoiseLevelView) and view.prior.n_sources == 1 for view in pooled)
+    assert [view.noise_sigma for view in pooled] == [0.0, 0.2] and pooled[0].prior is pooled[1].prior
     assert all(isinstance(v, float) and math.isfinite(v) for v in values)
     # Noisier data under the matching (wider) model scores lower per sample, as a density must on average.
     grid = torch.tensor(results["noise_grid"]["loglik"])  # [sigma_model, sigma_data, source]
