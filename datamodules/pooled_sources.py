@@ -5,11 +5,9 @@ Item i of a pooled split is source ``i % N`` of the wrapped split's item ``i // 
 example ``{"sources": [1, T], "index": i}``: each source's crops appear equally often, and the same crops as
 the per-source priors see (the toy data's examples, the stem datasets' frames).
 """
-import pytorch_lightning as pl
-import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from datamodules.sharded_sampler import ShardedEvalSampler
+from datamodules.loaders import SplitDataModule
 
 POOLED_SOURCE = "pooled"  # the one source name of a pooled prior
 
@@ -31,33 +29,17 @@ class PooledSources(Dataset):
         return {"sources": crop, "index": index}
 
 
-class PooledDataModule(pl.LightningDataModule):
-    """``base``'s splits with all of its sources pooled (``PooledSources``)."""
+class PooledDataModule(SplitDataModule):
+    """``base``'s splits with all of its sources pooled (``PooledSources``), batched as ``base`` batches."""
 
     def __init__(self, base):
         super().__init__()
-        self.base = base
-        self.sources = [POOLED_SOURCE]
+        self.base, self.sources = base, [POOLED_SOURCE]
+        self.batch_size, self.eval_batch_size = base.batch_size, base.eval_batch_size
+        self.num_workers, self.seed = base.num_workers, base.seed
 
     def setup(self, stage=None):
         self.base.setup(stage)
 
     def dataset(self, split):
         return PooledSources(self.base.dataset(split), len(self.base.sources))
-
-    def train_dataloader(self):
-        generator = torch.Generator().manual_seed(self.base.seed)
-        return DataLoader(self.dataset("train"), batch_size=self.base.batch_size, shuffle=True, drop_last=True,
-                          generator=generator, num_workers=self.base.num_workers,
-                          persistent_workers=self.base.num_workers > 0)
-
-    def eval_dataloader(self, split):
-        dataset = self.dataset(split)
-        return DataLoader(dataset, batch_size=self.base.eval_batch_size, sampler=ShardedEvalSampler(len(dataset)),
-                          num_workers=self.base.num_workers)
-
-    def val_dataloader(self):
-        return self.eval_dataloader("val")
-
-    def test_dataloader(self):
-        return self.eval_dataloader("test")
