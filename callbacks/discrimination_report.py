@@ -65,7 +65,7 @@ def plot(report: Mapping[str, Any], fh: IO[bytes]) -> None:
             image = _heatmap(ax, _grid(report, kind, key), norm, levels, sources, fontsize)
             ax.set_title(f"{label}, {kind}", fontsize=10)
             ax.set(xlabel="source (its own prior)", ylabel="sigma_model")
-    fig.colorbar(image, ax=list(axes.ravel()), shrink=0.8, label="0.5 AUROC = chance")
+    fig.colorbar(image, ax=list(axes.ravel()), shrink=0.8, label="AUROC, arg-max accuracy (AUROC 0.5 = chance)")
     fig.suptitle("Does each prior recognise its own source? (grey: score not available)", fontsize=10)
     _save_png(fig, fh)
 

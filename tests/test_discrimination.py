@@ -123,3 +123,25 @@ def test_pooled_dataset_serves_every_source_once_per_example():
         assert torch.equal(item["sources"][0], base[index // 3]["sources"][index % 3])
     with pytest.raises(IndexError):
         pooled[9]
+
+
+def test_wandb_gets_the_table_the_figure_and_the_worst_aurocs(tmp_path):
+    import wandb
+
+    from callbacks.discrimination_report import log_to_wandb
+
+    class FakeRun:
+        calls = []
+
+        def log(self, payload):
+            self.calls.append(payload)
+
+    results = {"sources": ["a", "b"], "per_crop": per_crop_example(), "inputs_table": []}
+    paths = write_report(results, tmp_path)
+    run = FakeRun()
+    log_to_wandb(results, run, paths=paths)
+    payload = run.calls[0]
+    assert isinstance(payload["discrimination/table"], wandb.Table) and len(payload["discrimination/table"].data) == 6
+    assert isinstance(payload["discrimination/figure"], wandb.Image)
+    assert payload["discrimination/worst_auroc_raw_sigma_0"] == 0.75
+    assert {"discrimination/worst_auroc_complexity_sigma_0", "discrimination/worst_auroc_ratio_sigma_0"} <= set(payload)

@@ -98,6 +98,7 @@ def test_latent_cross_likelihood_is_labelled_and_equal_under_ddp(lqvae_run):
                               torch.tensor(b["loglik"], dtype=torch.float64), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_pooled_latent_prior_gives_the_ratio_score(lqvae_run):
     """The same code path as every family: one Transformer over every source's codes, on the frozen LQ-VAE."""
     run_dir = train_latent_priors(lqvae_run, pooled=True)
