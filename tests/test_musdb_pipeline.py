@@ -2,6 +2,8 @@
 cross-likelihood matrix; and a missing dataset root stops the command line with exit 2, writing nothing."""
 import json
 
+import pytest
+
 from datamodules.synthetic_layouts import write_musdb_hq
 from experiments.cli import main
 from tests.conftest import TINY, TINY_POSTERIOR
@@ -47,6 +49,7 @@ def test_missing_musdb_root_exits_2(tmp_path, capsys, monkeypatch):
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.slow  # DDP equality of the cross-likelihood runs in make test (test_pipeline); the cache: test_musdb_data
 def test_ddp_cross_likelihood_builds_the_cache_once_and_equals_single_process(tmp_path):
     import shutil
     import subprocess
