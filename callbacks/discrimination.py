@@ -64,35 +64,27 @@ def argmax_accuracy(scores):
     return [float(c.mean()) if len(c) else math.nan for c in credit]
 
 
-def crop_scores(per_crop, level, kind):
-    """The [n, N(k), N(j)] scores of ``kind`` under model ``level``, or None when a term is missing."""
-    loglik = np.asarray(per_crop["loglik"][level], dtype=float)
+def apply_score(kind, loglik, log_step=None, length=None, pooled=None):
+    """``kind``'s score from the log-likelihoods and the per-crop terms (arrays broadcasting against loglik, or
+    scalars); None when the term the score needs is missing."""
     if kind == "raw":
         return loglik
     if kind == "complexity":
-        if per_crop.get("coder_length") is None:
-            return None
-        lengths = np.asarray(per_crop["coder_length"][level], dtype=float)
-        return loglik + per_crop["coder"]["log_step"] + lengths[:, :, None]
+        return None if length is None or log_step is None else loglik + log_step + length
     if kind == "ratio":
-        if per_crop["pooled"][level] is None:
-            return None
-        return loglik - np.asarray(per_crop["pooled"][level], dtype=float)[:, :, None]
+        return None if pooled is None else loglik - pooled
     raise ValueError(f"unknown score {kind!r}; choose from {list(SCORE_KINDS)}")
 
 
-def input_score(entry, per_crop, kind):
-    """A Table 1 row's [N] scores under ``kind`` (None when a term is missing)."""
-    loglik = np.asarray(entry["loglik"], dtype=float)
-    if kind == "raw":
-        return loglik
-    if kind == "complexity":
-        if entry.get("coder_length") is None or per_crop.get("coder") is None:
-            return None
-        return loglik + per_crop["coder"]["log_step"] + entry["coder_length"]
-    if entry.get("pooled") is None:
-        return None
-    return loglik - entry["pooled"]
+def crop_scores(per_crop, level, kind):
+    """The [n, N(k), N(j)] scores of ``kind`` under model ``level``, or None when a term is missing."""
+    def per_data_source(values):  # [n, N(k)] -> [n, N(k), 1]: the same for every prior j
+        return None if values is None else np.asarray(values, dtype=float)[:, :, None]
+
+    lengths = per_crop["coder_length"][level] if per_crop.get("coder_length") is not None else None
+    return apply_score(kind, np.asarray(per_crop["loglik"][level], dtype=float),
+                       (per_crop.get("coder") or {}).get("log_step"), per_data_source(lengths),
+                       per_data_source(per_crop["pooled"][level]))
 
 
 def _worst(values, sources):
@@ -125,20 +117,21 @@ def inputs_metrics(results):
     crops' mean score and the fraction of them the input outscores (ties half; 1 = above all its own data)."""
     per_crop, sources = results["per_crop"], [str(s) for s in results["sources"]]
     levels = [float(s) for s in per_crop["sigma_model"]]
+    log_step = (per_crop.get("coder") or {}).get("log_step")
     rows = []
     for entry in results.get("inputs_table") or []:
         level = levels.index(float(entry["sigma_model"]))
         for kind in SCORE_KINDS:
-            value = input_score(entry, per_crop, kind)
+            value = apply_score(kind, np.asarray(entry["loglik"], dtype=float), log_step, entry.get("coder_length"),
+                                entry.get("pooled"))
             own = crop_scores(per_crop, level, kind)
             if value is None or own is None:
                 continue
             for k, name in enumerate(sources):
                 own_k = own[:, k, k]
-                outscores = auroc([value[k]], own_k)
                 rows.append({"input": entry["input"], "sigma_model": levels[level], "score": kind, "prior": name,
                              "value": float(value[k]), "own_mean": float(np.mean(own_k)),
-                             "outscores_own": outscores})
+                             "outscores_own": auroc([value[k]], own_k)})
     return rows
 
 

@@ -5,7 +5,8 @@
 COMMAND is one of: train, train-lqvae, lqvae-ablation, train-posterior, train-pooled, finetune, finetune-all,
 cross-likelihood, compare, separate, separate-file, show-config. ``train`` of an LQ-VAE experiment runs both
 stages; ``train-lqvae`` only the first (the LQ-VAE and its report). ``train-pooled`` trains one prior of the
-family on every source pooled, then fine-tunes it at ``sigma`` (or over the whole noise grid without one). ``separate-file`` also takes mix=PATH out=DIR [force=1].
+family on every source pooled, then fine-tunes it at ``sigma`` (or over the whole noise grid without one).
+``separate-file`` also takes mix=PATH out=DIR [force=1].
 """
 import logging
 import sys
@@ -14,8 +15,8 @@ import warnings
 from experiments.config import ConfigError, load_config
 from experiments.run_layout import parse_sigma
 
-COMMANDS = ("train", "train-lqvae", "lqvae-ablation", "train-posterior", "train-pooled", "finetune", "finetune-all", "cross-likelihood",
-            "compare", "separate", "separate-file", "show-config")
+COMMANDS = ("train", "train-lqvae", "lqvae-ablation", "train-posterior", "train-pooled", "finetune", "finetune-all",
+            "cross-likelihood", "compare", "separate", "separate-file", "show-config")
 SPECIAL_KEYS = ("experiment", "preset", "sigma", "mix", "out", "force")
 
 

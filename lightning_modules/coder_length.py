@@ -21,6 +21,13 @@ import soundfile
 import torch
 
 SUBTYPES = {8: "PCM_S8", 16: "PCM_16", 24: "PCM_24"}
+CODER = "FLAC (soundfile, level 8)"
+
+
+def describe(sample_rate, bit_depth=16):
+    """What the results record about the coder, so a report can state the quantisation it used."""
+    return {"name": CODER, "bit_depth": check_bit_depth(bit_depth), "log_step": log_step(bit_depth),
+            "sample_rate": sample_rate, "units": "nats per sample, header overhead excluded"}
 
 
 def check_bit_depth(bit_depth):

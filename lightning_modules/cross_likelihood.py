@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from lightning_modules.coder_length import check_bit_depth, coder_length, log_step
+from lightning_modules.coder_length import check_bit_depth, coder_length, describe
 
 INPUT_KINDS = ("constant 0", "constant 1", "gaussian std 0.5")
 DENOISING_LABEL = ("denoising MSE ||D_j(x_k + sigma eps, sigma) - x_k||^2 / T (lower = prior j explains source k "
@@ -183,9 +183,7 @@ class CrossLikelihoodModule(pl.LightningModule):
             "loglik": values["loglik"].tolist(),  # [A][crop][data k][prior j]
             "pooled": pooled,  # [A][crop][data k], None where no pooled prior at that level
             "coder_length": values["coder_length"].tolist() if self.sample_rate is not None else None,
-            "coder": {"name": "FLAC (soundfile, level 8)", "bit_depth": self.coder_bit_depth,
-                      "log_step": log_step(self.coder_bit_depth), "sample_rate": self.sample_rate,
-                      "units": "nats per sample, header overhead excluded"} if self.sample_rate is not None else None,
+            "coder": describe(self.sample_rate, self.coder_bit_depth) if self.sample_rate is not None else None,
         }
 
     def on_test_epoch_end(self):
