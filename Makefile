@@ -28,7 +28,7 @@ CLI = $(PY) -m experiments.cli
 COMMON = experiment=$(EXPERIMENT) preset=$(PRESET) output_root=$(RUNS)
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-slow train-toy-flow train-toy-wavenet train-toy-score train-toy-lqvae train-slakh-lqvae train-musdb-lqvae train-lqvae lqvae-ablation separate-slakh-pairs train-posterior train-pooled separate-variational train-musdb-score train-slakh-score train-musdb-flow train-musdb-wavenet train-slakh-flow compare-toy compare-musdb train finetune-noise finetune-noise-all cross-likelihood separate-toy separation-table separate bench show-config
+.PHONY: help install test test-slow train-toy-flow train-toy-wavenet train-toy-score train-toy-lqvae train-slakh-lqvae train-musdb-lqvae train-lqvae lqvae-ablation separate-slakh-pairs train-posterior train-pooled separate-variational train-musdb-score train-slakh-score train-musdb-flow train-musdb-wavenet train-slakh-flow compare-toy compare-musdb train finetune-noise finetune-noise-all cross-likelihood separate-toy separation-table separate bench bench-compare show-config
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-20s %s\n", $$1, $$2}'
@@ -139,6 +139,9 @@ bench: ## Prior throughput, Langevin steps/s + memory, data loading x real time,
 	$(PY) -m experiments.bench_data output=$(RUNS)/bench_data.json $(DATA_ARGS)
 	$(PY) -m experiments.bench_score output=$(RUNS)/bench_score.json $(SCORE_ARGS)
 	$(PY) -m experiments.bench_posterior output=$(RUNS)/bench_posterior.json $(POSTERIOR_ARGS)
+
+bench-compare: ## This tree against a git revision side by side: make bench-compare AGAINST=<rev> [ARGS="cases=toy_flow:default:train rounds=3"] ($(RUNS)/bench_compare.json)
+	$(PY) -m experiments.bench_compare against=$(AGAINST) output=$(RUNS)/bench_compare.json $(ARGS)
 
 show-config: ## Print the resolved configuration of EXPERIMENT with PRESET and ARGS
 	$(CLI) show-config $(COMMON) $(ARGS)

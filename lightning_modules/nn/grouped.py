@@ -1,10 +1,31 @@
-"""Grouped 1-d convolution over a ``[B, G, C, T]`` tensor: G independent convolutions in one call."""
+"""Grouped 1-d convolution over a ``[B, G, C, T]`` tensor: G independent convolutions in one call.
+
+How it runs is chosen per device by measuring whole models (``make bench-compare``, README "Speed"),
+not single layers, whose timings did not carry over to the model:
+
+* CPU, kernel 1: one batched matmul ``W[G] @ x[B, G]`` (MKL), faster forward and backward than
+  oneDNN's grouped 1x1 convolution;
+* CPU, kernel > 1: one grouped ``conv1d``, centred padding given to the convolution itself (no padded
+  copy of the input); causal padding by an explicit left pad;
+* CUDA: one grouped ``conv1d`` (cuDNN) for both.
+
+The weights are an ``nn.Conv1d``'s in every case, so checkpoints do not depend on the path.
+"""
+import os
+
 import torch
 from torch import nn
 
+# For A/B measurements only: GS_CONV_PATH=conv forces the convolution path on CPU too.
+FORCED_PATH = os.environ.get("GS_CONV_PATH", "")
+
+
+def use_matmul(x, kernel_size):
+    return kernel_size == 1 and not x.is_cuda and FORCED_PATH != "conv"
+
 
 class GroupedConv1d(nn.Module):
-    """G independent ``Conv1d(in_channels, out_channels)``, one per prior, run as one grouped conv."""
+    """G independent ``Conv1d(in_channels, out_channels)``, one per prior."""
 
     def __init__(self, n_groups, in_channels, out_channels, kernel_size=1, dilation=1, causal=False):
         super().__init__()
@@ -18,26 +39,28 @@ class GroupedConv1d(nn.Module):
             n_groups * in_channels, n_groups * out_channels, kernel_size, dilation=dilation, groups=n_groups
         )
 
+    def grouped_weight(self):
+        """The kernel-1 weight as ``[G, out, in]`` (a view, no copy)."""
+        return self.conv.weight.view(self.n_groups, self.out_channels, -1)
+
+    def grouped_bias(self):
+        return self.conv.bias.view(self.n_groups, self.out_channels, 1)
+
     def forward(self, x, past=None):
         """``past`` [B, G, C, receptive - 1]: left context for a causal conv (cached generation);
         without it the context is zero padding. The output has the time length of ``x``."""
         batch, groups, channels, time = x.shape
+        if use_matmul(x, self.conv.kernel_size[0]):
+            return torch.matmul(self.grouped_weight(), x) + self.grouped_bias()
+        if past is None and self.pad[0] == self.pad[1]:
+            out = nn.functional.conv1d(x.reshape(batch, groups * channels, time), self.conv.weight, self.conv.bias,
+                                       dilation=self.conv.dilation, padding=self.pad[0], groups=groups)
+            return out.view(batch, groups, self.out_channels, time)
         if past is None:
             h = nn.functional.pad(x.reshape(batch, groups * channels, time), self.pad)
         else:
             h = torch.cat([past, x], dim=3).reshape(batch, groups * channels, -1)
-        if x.is_cuda or self.conv.kernel_size[0] == 1:
-            out = self.conv(h)
-        else:
-            # Measured on 2 CPU cores (torch 2.11): oneDNN's grouped dilated conv is ~2x slower than one
-            # conv per group, while grouped 1x1 convs are faster than a loop. Same weights either way.
-            weights = self.conv.weight.chunk(groups, dim=0)
-            biases = self.conv.bias.chunk(groups, dim=0)
-            out = torch.cat([
-                nn.functional.conv1d(part, w, b, dilation=self.conv.dilation)
-                for part, w, b in zip(h.chunk(groups, dim=1), weights, biases)
-            ], dim=1)
-        return out.view(batch, groups, self.out_channels, time)
+        return self.conv(h).view(batch, groups, self.out_channels, time)
 
     def zero_init(self):
         nn.init.zeros_(self.conv.weight)
