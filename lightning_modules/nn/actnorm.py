@@ -35,5 +35,14 @@ class ActNorm(nn.Module):
         logdet = x.shape[3] * self.log_scale.sum(dim=(1, 2))  # [G]
         return y, logdet.expand(x.shape[0], -1)
 
+    def forward_halves(self, x_a, x_b):
+        """``forward`` on the two channel halves of x, kept apart (FlowBlock avoids concatenating them)."""
+        if not bool(self.initialized) and self.training:
+            self.initialize(torch.cat([x_a, x_b], dim=2))
+        loc_a, loc_b = self.loc.chunk(2, dim=1)
+        scale_a, scale_b = torch.exp(self.log_scale).chunk(2, dim=1)
+        logdet = (x_a.shape[3] * self.log_scale.sum(dim=(1, 2))).expand(x_a.shape[0], -1)
+        return (x_a + loc_a) * scale_a, (x_b + loc_b) * scale_b, logdet
+
     def reverse(self, y):
         return y * torch.exp(-self.log_scale) - self.loc

@@ -23,10 +23,14 @@ class AffineCoupling(nn.Module):
 
     def forward(self, x):
         x_a, x_b = x.chunk(2, dim=2)
-        dtype = torch.promote_types(x.dtype, torch.float32)  # float64 stays float64 (exactness tests)
+        y_b, logdet = self.transform(x_a, x_b)
+        return torch.cat([x_a.to(y_b.dtype), y_b], dim=2), logdet
+
+    def transform(self, x_a, x_b):
+        """The coupling on the halves: ``(y_b, log|det J|)``; ``x_a`` passes unchanged."""
+        dtype = torch.promote_types(x_a.dtype, torch.float32)  # float64 stays float64 (exactness tests)
         log_s, t = self.net(x_a).to(dtype).chunk(2, dim=2)
-        y_b = x_b * torch.exp(log_s) + t
-        return torch.cat([x_a.to(y_b.dtype), y_b], dim=2), log_s.sum(dim=(2, 3))
+        return torch.addcmul(t, x_b, torch.exp(log_s)), log_s.sum(dim=(2, 3))
 
     def reverse(self, y):
         y_a, y_b = y.chunk(2, dim=2)

@@ -55,6 +55,12 @@ class FlowStep(nn.Module):
         x, logdet_coupling = self.coupling(x)
         return flip(x), logdet_norm + logdet_coupling
 
+    def forward_halves(self, x_a, x_b):
+        """``forward`` on the channel halves: the flip is a swap of the two, so no copy is made."""
+        x_a, x_b, logdet_norm = self.actnorm.forward_halves(x_a, x_b)
+        y_b, logdet_coupling = self.coupling.transform(x_a, x_b)
+        return y_b, x_a, logdet_norm + logdet_coupling
+
     def reverse(self, y):
         return self.actnorm.reverse(self.coupling.reverse(flip(y)))
 
@@ -65,12 +71,14 @@ class FlowBlock(nn.Module):
         self.steps = nn.ModuleList(FlowStep(n_groups, 2 * in_channels, cfg) for _ in range(cfg.n_flows))
 
     def forward(self, x):
-        x = squeeze(x)
+        # The halves travel apart through the steps and meet once at the end: one concatenation per
+        # block instead of two per step (coupling output and flip), the same numbers.
+        x_a, x_b = (half.contiguous() for half in squeeze(x).chunk(2, dim=2))
         logdet = 0
         for step in self.steps:
-            x, step_logdet = step(x)
+            x_a, x_b, step_logdet = step.forward_halves(x_a, x_b)
             logdet = logdet + step_logdet
-        return x, logdet
+        return torch.cat([x_a, x_b], dim=2), logdet
 
     def reverse(self, y):
         for step in reversed(self.steps):

@@ -5,7 +5,7 @@ import math
 import torch
 from torch import nn
 
-from lightning_modules.nn.grouped import GroupedConv1d
+from lightning_modules.nn.grouped import GroupedConv1d, use_matmul
 
 
 class GatedResidualLayer(nn.Module):
@@ -28,8 +28,15 @@ class GatedResidualLayer(nn.Module):
         gated = torch.tanh(filter_part) * torch.sigmoid(gate_part)
         if self.residual is None:
             return h, self.skip(gated)
+        if use_matmul(gated, 1):
+            # Residual and skip 1x1 convs read the same input: one matmul with both weights stacked.
+            weight = torch.cat([self.residual.grouped_weight(), self.skip.grouped_weight()], dim=1)
+            bias = torch.cat([self.residual.grouped_bias(), self.skip.grouped_bias()], dim=1)
+            residual, skip = (torch.matmul(weight, gated) + bias).chunk(2, dim=2)
+        else:
+            residual, skip = self.residual(gated), self.skip(gated)
         # sqrt(0.5) keeps the residual stream's variance from growing with depth.
-        return (h + self.residual(gated)) * math.sqrt(0.5), self.skip(gated)
+        return (h + residual) * math.sqrt(0.5), skip
 
 
 def drop_unused_residual(state_dict, prefix, *args):

@@ -110,14 +110,17 @@ class WaveNet(nn.Module):
 
     def log_prob(self, x):
         """Mean log-likelihood per audio sample, [B, G] (see the module docstring for the variants)."""
-        log_probs = torch.log_softmax(self.logits(x).float(), dim=2)  # [B, G, K, T]
+        # log softmax_k = logit_k - logsumexp(logits), written out so the [B, G, K, T] log-probabilities
+        # are never materialised (nor their backward's full-size zero-filled gradient).
+        logits = self.logits(x).float()  # [B, G, K, T]
+        normaliser = torch.logsumexp(logits, dim=2)
         if self.cfg.likelihood == "mulaw":
             target = mu_law_encode(x, self.cfg.n_classes - 1).unsqueeze(2)
-            return log_probs.gather(2, target).squeeze(2).mean(dim=2)
+            return (logits.gather(2, target).squeeze(2) - normaliser).mean(dim=2)
         sigma = self.component_sigma
         centres = self.centres.view(1, 1, -1, 1)
         log_normal = -0.5 * ((x.unsqueeze(2).float() - centres) / sigma) ** 2 - math.log(sigma * math.sqrt(2 * math.pi))
-        return torch.logsumexp(log_probs + log_normal, dim=2).mean(dim=2)
+        return (torch.logsumexp(logits + log_normal, dim=2) - normaliser).mean(dim=2)
 
     def class_to_value(self, index, generator=None):
         if self.cfg.likelihood == "mulaw":
