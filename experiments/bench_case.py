@@ -32,7 +32,8 @@ def perturbed_prior(config, n_sources, batch):
     prior = build_prior(to_dict(config.model), n_sources)
     prior.train()
     with torch.no_grad():
-        prior.log_prob(batch)  # data-dependent initialisation, where the family has one
+        if not hasattr(prior, "score"):  # (a score prior's log_prob is an ODE solve, and it needs no init)
+            prior.log_prob(batch)  # data-dependent initialisation, where the family has one
         generator = torch.Generator().manual_seed(1)
         for _, parameter in sorted(prior.named_parameters()):
             parameter.add_(0.02 * torch.randn(parameter.shape, generator=generator))
@@ -83,7 +84,12 @@ def langevin_case(config, chains, seconds, steps):
     prior = perturbed_prior(config, n_sources, torch.rand(2, n_sources, length, generator=generator) - 0.5)
     prior.eval().requires_grad_(False)
     mix = torch.rand(1, length, generator=generator) - 0.5
-    separator = LangevinSeparator(LevelScore([(0.0, prior)]), sgld_levels(1e-5, 0.1, 1), mixing_weights("mean", n_sources))
+    # A noise-conditional score prior answers score(x, sigma) itself (no autograd); a likelihood prior
+    # is differentiated through LevelScore.
+    noise_conditional = hasattr(prior, "score")
+    score_model = prior if noise_conditional else LevelScore([(0.0, prior)])
+    levels = sgld_levels(1e-5, 0.1, 1, prior_sigma=0.05 if noise_conditional else 0.0)
+    separator = LangevinSeparator(score_model, levels, mixing_weights("mean", n_sources))
     estimates = []
     times = timed(lambda: estimates.append(separator(mix, chains, [0])[0]), steps)
     last = estimates[-1].double()
