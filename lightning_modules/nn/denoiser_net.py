@@ -12,6 +12,8 @@ import math
 import torch
 from torch import nn
 
+from lightning_modules.nn.gated_activation import gated_tanh_sigmoid
+from lightning_modules.nn.gated_wavenet import SkipSum, residual_and_skip
 from lightning_modules.nn.grouped import GroupedConv1d
 from lightning_modules.nn.sigma_embedding import SigmaEmbedding
 
@@ -37,11 +39,7 @@ class ConditionedLayer(nn.Module):
         self.skip = GroupedConv1d(n_groups, width, width)
 
     def forward(self, h, embedding):
-        filter_part, gate_part = (self.dilated(h) + self.condition(embedding)).chunk(2, dim=2)
-        gated = torch.tanh(filter_part) * torch.sigmoid(gate_part)
-        if self.residual is None:
-            return h, self.skip(gated)
-        return (h + self.residual(gated)) * math.sqrt(0.5), self.skip(gated)
+        return residual_and_skip(self, h, gated_tanh_sigmoid(self.dilated(h) + self.condition(embedding)))
 
 
 class DenoiserNet(nn.Module):
@@ -61,9 +59,9 @@ class DenoiserNet(nn.Module):
     def forward(self, x, c_noise):
         embedding = self.embedding(c_noise).to(x.dtype)
         h = self.start(fold(x, self.squeeze))
-        skip_sum = 0
+        skips = SkipSum()
         for layer in self.layers:
             h, skip = layer(h, embedding)
-            skip_sum = skip_sum + skip
-        out = self.end_out(torch.relu(self.end_hidden(torch.relu(skip_sum * math.sqrt(1 / len(self.layers))))))
+            skips.add(skip)
+        out = self.end_out(torch.relu(self.end_hidden(torch.relu(skips.total * math.sqrt(1 / len(self.layers))))))
         return unfold(out)

@@ -5,6 +5,7 @@ import math
 import torch
 from torch import nn
 
+from lightning_modules.nn.gated_activation import gated_tanh_sigmoid
 from lightning_modules.nn.grouped import GroupedConv1d, use_matmul
 
 
@@ -24,19 +25,41 @@ class GatedResidualLayer(nn.Module):
             self._register_load_state_dict_pre_hook(drop_unused_residual)
 
     def forward(self, h, past=None):
-        filter_part, gate_part = self.dilated(h, past).chunk(2, dim=2)
-        gated = torch.tanh(filter_part) * torch.sigmoid(gate_part)
-        if self.residual is None:
-            return h, self.skip(gated)
-        if use_matmul(gated, 1):
-            # Residual and skip 1x1 convs read the same input: one matmul with both weights stacked.
-            weight = torch.cat([self.residual.grouped_weight(), self.skip.grouped_weight()], dim=1)
-            bias = torch.cat([self.residual.grouped_bias(), self.skip.grouped_bias()], dim=1)
-            residual, skip = (torch.matmul(weight, gated) + bias).chunk(2, dim=2)
+        return residual_and_skip(self, h, gated_tanh_sigmoid(self.dilated(h, past)))
+
+
+def residual_and_skip(layer, h, gated):
+    """The residual stream's next value and the skip output of ``layer`` (its ``residual`` and ``skip``
+    1x1 convs, ``residual`` None on a stack's last layer) for the gated activations."""
+    if layer.residual is None:
+        return h, layer.skip(gated)
+    if use_matmul(gated, 1):
+        # Both 1x1 convs read the same input: one matmul with the two weights stacked.
+        weight = torch.cat([layer.residual.grouped_weight(), layer.skip.grouped_weight()], dim=1)
+        bias = torch.cat([layer.residual.grouped_bias(), layer.skip.grouped_bias()], dim=1)
+        residual, skip = (torch.matmul(weight, gated) + bias).chunk(2, dim=2)
+    else:
+        residual, skip = layer.residual(gated), layer.skip(gated)
+    # sqrt(0.5) keeps the residual stream's variance from growing with depth (scaled in place: the sum
+    # is a fresh tensor that nothing saves for backward).
+    return torch.add(h, residual).mul_(math.sqrt(0.5)), skip
+
+
+class SkipSum:
+    """Running sum of a stack's skip outputs, accumulated in place after the first addition (never into
+    a layer's own output, which autograd may still need)."""
+
+    def __init__(self):
+        self.total, self.owned = None, False
+
+    def add(self, skip):
+        if self.total is None:
+            self.total = skip
+        elif self.owned:
+            self.total.add_(skip)
         else:
-            residual, skip = self.residual(gated), self.skip(gated)
-        # sqrt(0.5) keeps the residual stream's variance from growing with depth.
-        return (h + residual) * math.sqrt(0.5), skip
+            self.total, self.owned = self.total + skip, True
+        return self
 
 
 def drop_unused_residual(state_dict, prefix, *args):
@@ -65,8 +88,8 @@ class GatedWaveNet(nn.Module):
 
     def forward(self, x):
         h = self.start(x)
-        skip_sum = 0
+        skips = SkipSum()
         for layer in self.layers:
             h, skip = layer(h)
-            skip_sum = skip_sum + skip
-        return self.end_out(torch.relu(self.end_hidden(torch.relu(skip_sum))))
+            skips.add(skip)
+        return self.end_out(torch.relu(self.end_hidden(torch.relu(skips.total))))

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lightning_modules.nn.gated_wavenet import GatedResidualLayer
+from lightning_modules.nn.gated_wavenet import GatedResidualLayer, SkipSum
 from lightning_modules.nn.grouped import GroupedConv1d
 from lightning_modules.nn.mu_law import mu_law_compand, mu_law_decode, mu_law_encode
 
@@ -92,14 +92,14 @@ class WaveNet(nn.Module):
         ``inputs[..., :t+1]`` only. ``caches`` (list, one per layer) holds each layer's left context and
         is updated in place, for step-by-step generation."""
         h = self.start(inputs.unsqueeze(2))
-        skip_sum = 0
+        skips = SkipSum()
         for i, layer in enumerate(self.layers):
             past = None if caches is None else caches[i]
             if caches is not None:
                 caches[i] = torch.cat([past, h], dim=3)[..., h.shape[3]:]
             h, skip = layer(h, past)
-            skip_sum = skip_sum + skip
-        return self.end_out(torch.relu(self.end_hidden(torch.relu(skip_sum))))
+            skips.add(skip)
+        return self.end_out(torch.relu(self.end_hidden(torch.relu(skips.total))))
 
     def logits(self, x):
         """Logits of p(x_t | x_<t) for every t: the input is shifted right by one sample."""
