@@ -1,7 +1,7 @@
 """One timed case of ``make bench-compare``, run as a script inside the tree being measured.
 
     PYTHONPATH=<tree> python <this file> kind=train|loglik|langevin experiment=toy_flow preset=default
-                                         [batch=0] [crop=0] [steps=3] [chains=16] [seconds=1.0]
+                                         [batch=0] [crop=0] [steps=3] [chains=16] [seconds=1.0] [compile=0]
 
 ``bench_compare`` runs this same file against the current tree and against a git revision checked out
 in a temporary worktree, so both are timed by identical code; it only calls what every revision since
@@ -50,7 +50,7 @@ def timed(step, steps):
     return times
 
 
-def prior_case(kind, config, batch_size, crop, steps):
+def prior_case(kind, config, batch_size, crop, steps, compiled=False):
     n_sources = len(config.data.sources)
     generator = torch.Generator().manual_seed(2)
     batch = torch.rand(batch_size or config.data.batch_size, n_sources, crop or config.data.crop_length,
@@ -59,16 +59,17 @@ def prior_case(kind, config, batch_size, crop, steps):
     with torch.no_grad():
         check = prior.log_prob(batch).double().mean().item()
     optimizer = torch.optim.Adam(prior.parameters(), lr=1e-4)
+    log_prob = torch.compile(prior.log_prob) if compiled else prior.log_prob
 
     def train_step():
-        loss = -prior.log_prob(batch).mean()
+        loss = -log_prob(batch).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
 
     @torch.no_grad()
     def loglik_step():
-        prior.log_prob(batch)
+        log_prob(batch)
 
     return timed(train_step if kind == "train" else loglik_step, steps), check
 
@@ -98,14 +99,13 @@ def langevin_case(config, chains, seconds, steps):
 
 def main(argv):
     options = {"kind": "train", "experiment": "toy_flow", "preset": "default", "batch": "0", "crop": "0",
-               "steps": "3", "chains": "16", "seconds": "1.0"}
+               "steps": "3", "chains": "16", "seconds": "1.0", "compile": "0"}
     for arg in argv:
         key, _, value = arg.partition("=")
         if key not in options:
             print(f"error: unknown option {key!r}; known: {sorted(options)}", file=sys.stderr)
             return 2
         options[key] = value
-    torch.set_num_threads(torch.get_num_threads())
     kind, steps = options["kind"], int(options["steps"])
     if kind == "langevin":
         family = load_config(options["experiment"], options["preset"]).model.name
@@ -113,7 +113,8 @@ def main(argv):
         times, check = langevin_case(config, int(options["chains"]), float(options["seconds"]), steps)
     elif kind in ("train", "loglik"):
         config = load_config(options["experiment"], options["preset"])
-        times, check = prior_case(kind, config, int(options["batch"]), int(options["crop"]), steps)
+        times, check = prior_case(kind, config, int(options["batch"]), int(options["crop"]), steps,
+                                  compiled=options["compile"] == "1")
     else:
         print(f"error: unknown kind {kind!r}; choose train, loglik or langevin", file=sys.stderr)
         return 2

@@ -3,6 +3,7 @@
     python -m experiments.bench_compare against=<revision> [cases=toy_flow:default:train,...] [rounds=3]
                                         [steps=3] [output=runs/bench_compare.json] [paper_batch=1]
                                         [paper_crop=0] [wavenet_paper_crop=4096] [chains=16] [seconds=1.0]
+                                        [batch=N] [crop=N] [compile=1]
 
 The revision is checked out in a temporary git worktree (removed afterwards). Every round runs every
 case once in each tree, each run a fresh process of ``experiments/bench_case.py`` from *this* tree, so
@@ -15,7 +16,8 @@ trees must agree on it, else the comparison is not of the same computation and t
 A case is ``experiment:preset:kind`` with kind ``train`` (one Adam step on -log p), ``loglik`` (log p
 of a batch, no gradient) or ``langevin`` (one SGLD step: the prior's input gradient for every chain,
 the mixture term and the noise). On CPU the paper presets run with batch ``paper_batch`` and the paper
-WaveNet with ``wavenet_paper_crop``-sample crops, as ``make bench`` does.
+WaveNet with ``wavenet_paper_crop``-sample crops, as ``make bench`` does; ``batch``/``crop`` set the
+shape of every prior case, ``compile=1`` times ``torch.compile``d log-likelihoods in both trees.
 """
 import json
 import math
@@ -52,6 +54,8 @@ def case_arguments(case, options):
     if preset == "paper" and kind != "langevin":
         crop = options["wavenet_paper_crop"] if "wavenet" in experiment else options["paper_crop"]
         args += [f"batch={options['paper_batch']}", f"crop={crop}"]
+    # batch= / crop= set every prior case's shape (e.g. tiny ones in tests); the last value wins.
+    args += [f"{key}={options[key]}" for key in ("batch", "crop", "compile") if options[key]]
     return args
 
 
@@ -112,7 +116,8 @@ def table(results):
 
 def main(argv):
     options = {"against": "", "cases": DEFAULT_CASES, "rounds": "3", "steps": "3", "output": "runs/bench_compare.json",
-               "paper_batch": "1", "paper_crop": "0", "wavenet_paper_crop": "4096", "chains": "16", "seconds": "1.0"}
+               "paper_batch": "1", "paper_crop": "0", "wavenet_paper_crop": "4096", "chains": "16", "seconds": "1.0",
+               "batch": "", "crop": "", "compile": ""}
     for arg in argv:
         key, _, value = arg.partition("=")
         if key not in options:

@@ -107,6 +107,8 @@ class TrainerConfig:
     checkpoint_every_n_steps: int = 500
     max_time: Optional[str] = None
     enable_progress_bar: bool = True
+    # PRESET=compile: the prior's training objective through torch.compile (README "Speed" says where it pays)
+    compile: bool = False
 
 
 @dataclass

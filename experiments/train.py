@@ -18,7 +18,7 @@ from experiments.config import save_config, to_dict
 from experiments.run_layout import (
     PAPER003_SIGMAS, basis_sigmas, check_compatible, is_done, mark_done, prior_dir,
 )
-from experiments.trainer_factory import build_trainer, finish_loggers
+from experiments.trainer_factory import build_trainer, compile_prior, finish_loggers
 from lightning_modules.prior_module import PriorModule
 from lightning_modules.prior_registry import is_noise_conditional
 
@@ -138,6 +138,8 @@ def fit(config, run_dir, module, max_steps, val_check_interval, job_type, early_
     if stopper:
         callbacks.append(stopper)
     trainer = build_trainer(config, run_dir, job_type, callbacks, max_steps, val_check_interval)
+    if config.trainer.compile:
+        compile_prior(module)
     started = time.time()
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume.is_file() else None,
                 weights_only=True)

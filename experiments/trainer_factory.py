@@ -4,6 +4,7 @@ import os
 from pathlib import Path
 
 import pytorch_lightning as pl
+import torch
 from pytorch_lightning.loggers import CSVLogger, WandbLogger
 
 from callbacks.atomic_checkpoint_io import AtomicCheckpointIO
@@ -24,6 +25,16 @@ def build_loggers(config, run_dir, job_type):
             config=to_dict(config),
         ))
     return loggers
+
+
+def compile_prior(module):
+    """``trainer.compile``: the prior's ``log_prob`` and ``training_loss`` (where it has them) through
+    ``torch.compile``; the weights and the state_dict are the module's own, so checkpoints are unchanged."""
+    prior = getattr(module, "prior", None)
+    for name in ("log_prob", "training_loss"):
+        method = getattr(prior, name, None)
+        if method is not None:
+            setattr(prior, name, torch.compile(method))
 
 
 def build_trainer(config, run_dir, job_type, callbacks=(), max_steps=-1, val_check_interval=None):
