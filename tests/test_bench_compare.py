@@ -28,8 +28,8 @@ def test_bad_revision_is_refused_and_nothing_is_written(tmp_path, capsys):
 
 
 def test_side_by_side_run_flags_a_tree_that_computes_something_else(tmp_path):
-    """A clone whose WaveNet scores differently, against this repository's HEAD: the flow cases must
-    agree, the WaveNet case must be flagged, every case timed in both trees, the worktree removed."""
+    """A clone whose WaveNet scores differently, against this repository's HEAD: the flow's Langevin
+    step must agree, the WaveNet case must be flagged, every case timed in both trees, the worktree removed."""
     clone = tmp_path / "clone"
     subprocess.run(["git", "clone", "--quiet", str(ROOT), str(clone)], check=True)
     wavenet = clone / "lightning_modules/nn/wavenet.py"
@@ -37,14 +37,13 @@ def test_side_by_side_run_flags_a_tree_that_computes_something_else(tmp_path):
     assert "mu_law_encode(x, self.cfg.n_classes - 1)" in text
     wavenet.write_text(text.replace("mu_law_encode(x, self.cfg.n_classes - 1)", "mu_law_encode(0.9 * x, self.cfg.n_classes - 1)"))
     output = tmp_path / "compare.json"
-    cases = "toy_flow:default:loglik,toy_wavenet:default:loglik,toy_flow:default:langevin"
+    cases = "toy_wavenet:default:loglik,toy_flow:default:langevin"
     done = subprocess.run(
-        [sys.executable, "-m", "experiments.bench_compare", "against=HEAD", f"cases={cases}", "rounds=2", "steps=1",
+        [sys.executable, "-m", "experiments.bench_compare", "against=HEAD", f"cases={cases}", "rounds=1", "steps=2",
          "batch=1", "crop=256", "chains=1", "seconds=0.02", f"output={output}"],
         cwd=clone, env={**os.environ, "PYTHONPATH": str(clone)}, capture_output=True, text=True)
     assert done.returncode == 1, done.stderr  # a case computed something else
     results = json.loads(output.read_text())["results"]
-    assert results["toy_flow:default:loglik"]["same_computation"]
     assert results["toy_flow:default:langevin"]["same_computation"]
     assert not results["toy_wavenet:default:loglik"]["same_computation"]
     for result in results.values():

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from lightning_modules.nn.gated_activation import gated_tanh_sigmoid
-from lightning_modules.nn.grouped import GroupedConv1d, use_matmul
+from lightning_modules.nn.grouped import GroupedConv1d, grouped_matmul, use_matmul
 
 
 class GatedResidualLayer(nn.Module):
@@ -37,7 +37,7 @@ def residual_and_skip(layer, h, gated):
         # Both 1x1 convs read the same input: one matmul with the two weights stacked.
         weight = torch.cat([layer.residual.grouped_weight(), layer.skip.grouped_weight()], dim=1)
         bias = torch.cat([layer.residual.grouped_bias(), layer.skip.grouped_bias()], dim=1)
-        residual, skip = (torch.matmul(weight, gated) + bias).chunk(2, dim=2)
+        residual, skip = grouped_matmul(weight, bias, gated).chunk(2, dim=2)
     else:
         residual, skip = layer.residual(gated), layer.skip(gated)
     # sqrt(0.5) keeps the residual stream's variance from growing with depth (scaled in place: the sum
