@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from lightning_modules.nn.gated_activation import gated_tanh_sigmoid
-from lightning_modules.nn.grouped import GroupedConv1d, grouped_matmul, use_matmul
+from lightning_modules.nn.grouped import GroupedConv1d
 
 
 class GatedResidualLayer(nn.Module):
@@ -33,13 +33,7 @@ def residual_and_skip(layer, h, gated):
     1x1 convs, ``residual`` None on a stack's last layer) for the gated activations."""
     if layer.residual is None:
         return h, layer.skip(gated)
-    if use_matmul(gated, 1):
-        # Both 1x1 convs read the same input: one matmul with the two weights stacked.
-        weight = torch.cat([layer.residual.grouped_weight(), layer.skip.grouped_weight()], dim=1)
-        bias = torch.cat([layer.residual.grouped_bias(), layer.skip.grouped_bias()], dim=1)
-        residual, skip = grouped_matmul(weight, bias, gated).chunk(2, dim=2)
-    else:
-        residual, skip = layer.residual(gated), layer.skip(gated)
+    residual, skip = layer.residual(gated), layer.skip(gated)
     # sqrt(0.5) keeps the residual stream's variance from growing with depth (scaled in place: the sum
     # is a fresh tensor that nothing saves for backward).
     return torch.add(h, residual).mul_(math.sqrt(0.5)), skip
