@@ -35,7 +35,7 @@ CASE_SCRIPT = Path(__file__).resolve().parent / "bench_case.py"
 DEFAULT_CASES = ",".join(
     f"{experiment}:{preset}:{kind}"
     for experiment in ("toy_flow", "toy_wavenet") for preset in ("default", "paper") for kind in ("train", "loglik")
-) + ",toy_flow:default:langevin"
+) + ",toy_flow:default:langevin,toy_score:default:langevin"
 CHECK_DIGITS = 5
 
 
