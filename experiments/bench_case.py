@@ -100,6 +100,7 @@ def langevin_case(config, chains, seconds, steps):
 def main(argv):
     options = {"kind": "train", "experiment": "toy_flow", "preset": "default", "batch": "0", "crop": "0",
                "steps": "3", "chains": "16", "seconds": "1.0", "compile": "0"}
+    # (Not experiments.bench.parse_options: this script runs on the other tree's modules, which may lack it.)
     for arg in argv:
         key, _, value = arg.partition("=")
         if key not in options:

@@ -29,6 +29,7 @@ import tempfile
 from pathlib import Path
 
 from datamodules.atomic_io import atomic_write_text
+from experiments.bench import parse_options
 
 ROOT = Path(__file__).resolve().parent.parent
 CASE_SCRIPT = Path(__file__).resolve().parent / "bench_case.py"
@@ -118,12 +119,8 @@ def main(argv):
     options = {"against": "", "cases": DEFAULT_CASES, "rounds": "3", "steps": "3", "output": "runs/bench_compare.json",
                "paper_batch": "1", "paper_crop": "0", "wavenet_paper_crop": "4096", "chains": "16", "seconds": "1.0",
                "batch": "", "crop": "", "compile": ""}
-    for arg in argv:
-        key, _, value = arg.partition("=")
-        if key not in options:
-            print(f"error: unknown option {key!r}; known: {sorted(options)}", file=sys.stderr)
-            return 2
-        options[key] = value
+    if not parse_options(argv, options):
+        return 2
     if not options["against"]:
         print("error: say which revision to compare with: against=<git revision> (e.g. against=HEAD~3)", file=sys.stderr)
         return 2

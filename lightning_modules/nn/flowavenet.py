@@ -50,13 +50,8 @@ class FlowStep(nn.Module):
         self.actnorm = ActNorm(n_groups, channels)
         self.coupling = AffineCoupling(n_groups, channels, cfg.width, cfg.n_layers, cfg.kernel_size)
 
-    def forward(self, x):
-        x, logdet_norm = self.actnorm(x)
-        x, logdet_coupling = self.coupling(x)
-        return flip(x), logdet_norm + logdet_coupling
-
-    def forward_halves(self, x_a, x_b):
-        """``forward`` on the channel halves: the flip is a swap of the two, so no copy is made."""
+    def forward(self, x_a, x_b):
+        """ActNorm, coupling and flip on the channel halves: the flip is a swap of the two, no copy."""
         x_a, x_b, logdet_norm = self.actnorm.forward_halves(x_a, x_b)
         y_b, logdet_coupling = self.coupling.transform(x_a, x_b)
         return y_b, x_a, logdet_norm + logdet_coupling
@@ -76,7 +71,7 @@ class FlowBlock(nn.Module):
         x_a, x_b = (half.contiguous() for half in squeeze(x).chunk(2, dim=2))
         logdet = 0
         for step in self.steps:
-            x_a, x_b, step_logdet = step.forward_halves(x_a, x_b)
+            x_a, x_b, step_logdet = step(x_a, x_b)
             logdet = logdet + step_logdet
         return torch.cat([x_a, x_b], dim=2), logdet
 

@@ -49,19 +49,13 @@ class GroupedConv1d(nn.Module):
             n_groups * in_channels, n_groups * out_channels, kernel_size, dilation=dilation, groups=n_groups
         )
 
-    def grouped_weight(self):
-        """The kernel-1 weight as ``[G, out, in]`` (a view, no copy)."""
-        return self.conv.weight.view(self.n_groups, self.out_channels, -1)
-
-    def grouped_bias(self):
-        return self.conv.bias.view(self.n_groups, self.out_channels, 1)
-
     def forward(self, x, past=None):
         """``past`` [B, G, C, receptive - 1]: left context for a causal conv (cached generation);
         without it the context is zero padding. The output has the time length of ``x``."""
         batch, groups, channels, time = x.shape
         if use_matmul(x, self.conv.kernel_size[0]):
-            return grouped_matmul(self.grouped_weight(), self.grouped_bias(), x)
+            return grouped_matmul(self.conv.weight.view(groups, self.out_channels, channels),
+                                  self.conv.bias.view(groups, self.out_channels, 1), x)
         if past is None and self.pad[0] == self.pad[1]:
             out = nn.functional.conv1d(x.reshape(batch, groups * channels, time), self.conv.weight, self.conv.bias,
                                        dilation=self.conv.dilation, padding=self.pad[0], groups=groups)
