@@ -31,9 +31,7 @@ class ActNorm(nn.Module):
     def forward(self, x):
         if not bool(self.initialized) and self.training:
             self.initialize(x)
-        y = (x + self.loc) * torch.exp(self.log_scale)
-        logdet = x.shape[3] * self.log_scale.sum(dim=(1, 2))  # [G]
-        return y, logdet.expand(x.shape[0], -1)
+        return (x + self.loc) * torch.exp(self.log_scale), self.log_det(x)
 
     def forward_halves(self, x_a, x_b):
         """``forward`` on the two channel halves of x, kept apart (FlowBlock avoids concatenating them)."""
@@ -41,8 +39,11 @@ class ActNorm(nn.Module):
             self.initialize(torch.cat([x_a, x_b], dim=2))
         loc_a, loc_b = self.loc.chunk(2, dim=1)
         scale_a, scale_b = torch.exp(self.log_scale).chunk(2, dim=1)
-        logdet = (x_a.shape[3] * self.log_scale.sum(dim=(1, 2))).expand(x_a.shape[0], -1)
-        return (x_a + loc_a) * scale_a, (x_b + loc_b) * scale_b, logdet
+        return (x_a + loc_a) * scale_a, (x_b + loc_b) * scale_b, self.log_det(x_a)
+
+    def log_det(self, x):
+        """[B, G]: T * sum(log_scale) per prior, the same for every example of x [B, G, C, T]."""
+        return (x.shape[3] * self.log_scale.sum(dim=(1, 2))).expand(x.shape[0], -1)
 
     def reverse(self, y):
         return y * torch.exp(-self.log_scale) - self.loc
