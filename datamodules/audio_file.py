@@ -1,7 +1,7 @@
 """Reading a user's audio file (any rate, any channel count) and writing WAVs atomically.
 
 Audio is read with ``soundfile`` (not ``torchaudio.load``, which needs FFmpeg/torchcodec) and resampled
-with ``torchaudio.functional.resample``.
+by ``datamodules.resample``.
 """
 import math
 from pathlib import Path
@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import soundfile
 import torch
-import torchaudio
 
 from datamodules.atomic_io import atomic_write
+from datamodules.resample import resample
 
 
 class AudioFileError(ValueError):
@@ -22,6 +22,8 @@ def read_mono(path, sample_rate, min_seconds=0.1):
     """Audio file -> (mono float32 tensor [T] at ``sample_rate``, notes on what was converted)."""
     if not Path(path).is_file():
         raise AudioFileError(f"mixture file {path} does not exist (or is not a file)")
+    if Path(path).stat().st_size == 0:
+        raise AudioFileError(f"mixture file {path} is empty (0 bytes); give a WAV/FLAC/OGG file with audio in it")
     try:
         data, rate = soundfile.read(str(path), dtype="float32", always_2d=True)  # [T, channels]
     except (RuntimeError, soundfile.LibsndfileError, TypeError) as error:
@@ -38,7 +40,7 @@ def read_mono(path, sample_rate, min_seconds=0.1):
     audio = torch.from_numpy(data.mean(axis=1))
     if rate != sample_rate:
         notes.append(f"resampled from {rate} Hz to the priors' {sample_rate} Hz")
-        audio = torchaudio.functional.resample(audio, rate, sample_rate)
+        audio = resample(audio, rate, sample_rate)
     needed = math.ceil(min_seconds * sample_rate)
     if audio.shape[0] < needed:
         raise AudioFileError(

@@ -5,7 +5,7 @@ decoded by ffmpeg) and MUSDB18-HQ (``<split>/<track>/<stem>.wav``, ``is_wav=True
 split is musdb's own list of 14 training songs (its ``mus.yaml``). A tree of one's own songs in these
 layouts holds none of them: then the last tenth of the training songs in sorted name order (at least
 one, never all) is the validation split, with a warning. Stems are downmixed to mono and
-resampled once with torchaudio, then served from the stem cache. ``musdb.DB`` is not used to list
+resampled once (datamodules/resample.py), then served from the stem cache. ``musdb.DB`` is not used to list
 the songs: it probes every file with ffprobe on each start, and one corrupt file would stop it; we
 list the folders ourselves and build musdb's track objects one song at a time.
 """

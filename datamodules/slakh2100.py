@@ -5,7 +5,7 @@ and ``stems/Sxx.flac`` (or ``Sxx.wav``, or any other format soundfile reads: con
 are common; where one stem has several, ``.flac`` is preferred, then ``.wav``). A source is an ``inst_class`` (matched case-insensitively); several stems of
 one class in a track are summed. Tracks lacking any requested class are left out (every frame of
 theirs would be silent for that class). Splits are the dataset's own ``train/``, ``validation/`` and
-``test/`` folders. Audio is read with soundfile, downmixed to mono and resampled with torchaudio.
+``test/`` folders. Audio is read with soundfile, downmixed to mono and resampled (datamodules/resample.py).
 """
 import numpy as np
 import soundfile

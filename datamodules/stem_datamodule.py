@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Callable, List
 
 import torch
-import torchaudio
 
 from datamodules.loaders import SplitDataModule
+from datamodules.resample import resample
 from datamodules.stem_cache import StemCache
 from datamodules.stem_frames import FixedFrames, RandomFrames, SongArrays
 
@@ -42,12 +42,10 @@ class Track:
 
 
 def to_mono(audio, rate, sample_rate):
-    """[T, C] or [T] numpy audio at ``rate`` -> float32 tensor [T], mono, resampled with torchaudio."""
+    """[T, C] or [T] numpy audio at ``rate`` -> float32 tensor [T], mono, at ``sample_rate``."""
     wave = torch.as_tensor(audio, dtype=torch.float32)
     wave = wave.mean(dim=1) if wave.dim() == 2 else wave
-    if int(rate) != int(sample_rate):
-        wave = torchaudio.functional.resample(wave, int(rate), int(sample_rate))
-    return wave
+    return resample(wave, rate, sample_rate)
 
 
 def dataset_root(root, env_var, dataset, layout):

@@ -3,10 +3,12 @@
 The schema is an OmegaConf structured config, so a misspelled key or a wrongly typed value fails
 loudly with the key's name instead of being silently ignored.
 """
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional
 
+import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -295,14 +297,65 @@ def load_config(experiment="toy_flow", preset="default", overrides=()):
     layers = [OmegaConf.load(EXPERIMENTS_DIR / experiment / "default.yaml")]
     layers += [OmegaConf.load(preset_path(experiment, n)) for n in names if n != "default"]
     try:
-        config = OmegaConf.merge(OmegaConf.structured(Config), *layers, OmegaConf.from_dotlist(list(overrides)))
+        config = OmegaConf.merge(OmegaConf.structured(Config), *layers, parse_overrides(overrides))
     except OmegaConfBaseException as error:
         key = getattr(error, "full_key", None)
         message = str(error).splitlines()[0]
         where = f"key '{key}': " if key else ""
         raise ConfigError(f"bad configuration: {where}{message} (the keys are in experiments/config.py)") from None
     config.experiment, config.preset = experiment, ",".join(names) or "default"
+    check_request(config)
     return config
+
+
+def parse_overrides(overrides):
+    """key=value overrides; a value that is not valid YAML is named, with its key."""
+    parsed = OmegaConf.create()
+    for override in overrides:
+        try:
+            parsed = OmegaConf.merge(parsed, OmegaConf.from_dotlist([override]))
+        except yaml.YAMLError as error:
+            problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+            raise ConfigError(f"cannot parse the override {override!r}: {problem}; write lists as "
+                              f"key=[a,b] with no empty items, and quote values with spaces") from None
+    return parsed
+
+
+# Names that become one folder of a path under output_root: a single component, no separators, no "..".
+SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]*")
+PATH_NAME_KEYS = ("run_name", "separation.name", "separation.posterior", "posterior.name")
+PATH_LIST_KEYS = ("data.sources", "separation.sources", "posterior.sources")
+STEP_KEYS = ("trainer.max_steps", "finetune.max_steps", "lqvae.max_steps", "posterior.max_steps")
+
+
+def check_request(config):
+    """What can be checked before any training or separation starts: names that become folders are safe
+    single components, the sources asked for are the run's, and every step budget is positive."""
+    for key in PATH_NAME_KEYS:
+        value = OmegaConf.select(config, key)
+        if value is not None:
+            check_name(key, value)
+    for key in PATH_LIST_KEYS:
+        for value in OmegaConf.select(config, key) or []:
+            check_name(key, value)
+    for key in ("separation.sources", "posterior.sources"):
+        wanted = list(OmegaConf.select(config, key) or [])
+        unknown = [s for s in wanted if s not in config.data.sources]
+        if unknown:
+            raise ConfigError(f"{key}: unknown source(s) {unknown}; choose from the run's sources "
+                              f"{list(config.data.sources)}")
+    for key in STEP_KEYS:
+        steps = OmegaConf.select(config, key)
+        if steps <= 0:
+            raise ConfigError(f"{key} must be a positive number of steps, got {steps}; a run with no steps "
+                              f"would be marked finished untrained")
+
+
+def check_name(key, value):
+    value = str(value)
+    if not SAFE_NAME.fullmatch(value) or value in (".", ".."):
+        raise ConfigError(f"{key}={value!r} names a folder under output_root: use letters, digits, '_', '-', "
+                          f"'.' and '+' only (one path component, no '/' and no '..')")
 
 
 def to_dict(config):

@@ -14,8 +14,8 @@ import math
 from pathlib import Path
 
 import numpy as np
-import torch
 
+from callbacks.atomic_checkpoint_io import read_checkpoint
 from datamodules.atomic_io import atomic_write_text
 
 PAPER003_SIGMAS = (0.01, 0.027, 0.077, 0.129, 0.359)
@@ -94,9 +94,7 @@ def load_prior(run_dir, expected_sources=None, expected_model=None):
     from lightning_modules.prior_module import PriorModule
 
     path = Path(run_dir) / "last.ckpt"
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}; train it first")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    checkpoint = read_checkpoint(path)
     hparams = checkpoint["hyper_parameters"]
     check_compatible(path, hparams, expected_sources, expected_model)
     module = PriorModule(**hparams)
@@ -105,6 +103,14 @@ def load_prior(run_dir, expected_sources=None, expected_model=None):
 
 
 def check_compatible(path, hparams, expected_sources=None, expected_model=None):
+    if expected_model is not None:
+        from lightning_modules.prior_registry import resolve_model_config
+
+        stored_family = (hparams.get("model") or {}).get("name")
+        expected_family = resolve_model_config(expected_model)["name"]
+        if stored_family != expected_family:
+            raise ValueError(f"checkpoint {path}: this run holds a {stored_family} prior, the experiment expects "
+                             f"{expected_family}; choose the experiment it was trained with, or another run_name")
     problems = []
     if expected_sources is not None and list(hparams["sources"]) != list(expected_sources):
         problems.append(f"sources {list(hparams['sources'])} != configured {list(expected_sources)}")

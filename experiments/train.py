@@ -8,9 +8,9 @@ import time
 from pathlib import Path
 
 import pytorch_lightning as pl
-import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 
+from callbacks.atomic_checkpoint_io import read_checkpoint
 from callbacks.per_prior_early_stopping import PerPriorEarlyStopping
 from datamodules.pooled_sources import POOLED_SOURCE, PooledDataModule
 from datamodules.registry import build_datamodule
@@ -75,7 +75,7 @@ def finetune(config, sigma, init_dir=None, grid="paper003", pooled=False):
         lr_decay_times=0, schedule_steps=config.finetune.max_steps, noise_sigma=sigma, seed=config.seed,
     )
     if not (run_dir / "last.ckpt").is_file():
-        checkpoint = torch.load(init_dir / "last.ckpt", map_location="cpu", weights_only=True)
+        checkpoint = read_checkpoint(init_dir / "last.ckpt")
         check_compatible(init_dir / "last.ckpt", checkpoint["hyper_parameters"], sources, to_dict(config.model))
         module.load_state_dict(checkpoint["state_dict"])
     extra = {"init_from": str(init_dir), "grid": grid}
@@ -120,12 +120,12 @@ def fit(config, run_dir, module, max_steps, val_check_interval, job_type, early_
         return run_dir
     resume = run_dir / "last.ckpt"
     if resume.is_file():
-        keep_metrics_history(run_dir)
-        hparams = torch.load(resume, map_location="cpu", weights_only=True)["hyper_parameters"]
+        hparams = read_checkpoint(resume)["hyper_parameters"]
         if check_resume is not None:
             check_resume(resume, hparams)
         else:
             check_compatible(resume, hparams, list(module.sources), to_dict(config.model))
+        keep_metrics_history(run_dir)  # only once the resume is accepted: a refused one leaves the logs as they were
     pl.seed_everything(config.seed, workers=True)
     # Data first: a bad dataset root stops here, before anything is written.
     if datamodule is None:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 
+from callbacks.atomic_checkpoint_io import read_checkpoint
 from datamodules.atomic_io import atomic_write_text
 from datamodules.registry import build_datamodule, dataset_mixing
 from experiments.config import ConfigError, to_dict
@@ -78,9 +79,7 @@ def stage1_config(config):
 
 def load_finished(module, run_dir):
     """The finished stage-1 weights (a skipped fit leaves the module freshly initialised)."""
-    import torch
-
-    state = torch.load(Path(run_dir) / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
+    state = read_checkpoint(Path(run_dir) / "last.ckpt")["state_dict"]
     module.load_state_dict(state)
 
 

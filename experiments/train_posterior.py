@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from callbacks.atomic_checkpoint_io import read_checkpoint
 from datamodules.atomic_io import atomic_write_text
 from datamodules.mixtures_only import MixtureDataModule
 from datamodules.registry import build_datamodule, dataset_mixing
@@ -159,7 +160,7 @@ def load_posterior(config, sources, name=None):
     record = source_record(config, list(sources))
     check_source(run_dir, record)
     module = build_module(config, list(sources), record)
-    state = torch.load(run_dir / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
+    state = read_checkpoint(run_dir / "last.ckpt")["state_dict"]
     missing, unexpected = module.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.startswith("prior.")]
     if missing or unexpected:
