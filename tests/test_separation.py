@@ -4,6 +4,7 @@ the dataset, separating a user's file, the diffusion sampler through the same lo
 score family serving every level from its one run."""
 import csv
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -270,6 +271,9 @@ def test_separate_a_file_resamples_downmixes_and_never_overwrites(flow_run, tmp_
     out = tmp_path / "separated"
     config = load_config("toy_flow", "default", flow_run + ["separation.n_chains=2"])
     out_dir, info = separate_file(config, mix, out)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask  # the user's usual mode, not mkdtemp's private one
     assert any("downmixed 2 channels" in n for n in info["notes"])
     assert any("resampled from 22050 Hz" in n for n in info["notes"])
     assert info["n_chunks"] == 7  # 1600 samples at 16 kHz in chunks of 256
@@ -284,6 +288,23 @@ def test_separate_a_file_resamples_downmixes_and_never_overwrites(flow_run, tmp_
     assert code == 0
     assert (out / "sine.wav").read_bytes() != before["sine.wav"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".separated")]
+
+
+def test_make_separate_takes_paths_with_spaces_quotes_and_semicolons(flow_run, tmp_path):
+    folder = tmp_path / "my songs; touch INJECTED; 'x\"y'"
+    folder.mkdir()
+    mix, out = folder / "a song.wav", folder / "separated; rm -rf ~"
+    write_mix(mix, rate=16000, channels=1)
+    overrides = [o for o in flow_run if not o.startswith("output_root=")] + ["separation.n_chains=1"]
+    root = next(o for o in flow_run if o.startswith("output_root=")).partition("=")[2]
+    command = ["make", "-s", "-C", str(REPO), "separate", f"VENV={Path(sys.executable).parents[1]}", f"MIX={mix}",
+               f"OUT={out}", f"RUNS={root}", "ARGS=" + " ".join(overrides)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads((out / "separation.json").read_text())["input"] == str(mix)
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["mix.wav", "separation.json", "config.yaml"] + [f"{s}.wav" for s in ("sine", "square", "saw", "triangle")])
+    assert not list(tmp_path.rglob("INJECTED")) and not list(REPO.glob("INJECTED"))
 
 
 @pytest.mark.parametrize("problem, message", [
