@@ -342,7 +342,7 @@ def check_request(config):
         wanted = list(OmegaConf.select(config, key) or [])
         unknown = [s for s in wanted if s not in config.data.sources]
         if unknown:
-            raise ConfigError(f"{key}: unknown source(s) {unknown}; choose from the run's sources "
+            raise ConfigError(f"{key} must be sources of the run: {unknown} unknown; choose from "
                               f"{list(config.data.sources)}")
     for key in STEP_KEYS:
         steps = OmegaConf.select(config, key)

@@ -12,9 +12,9 @@ from callbacks.cross_likelihood_callback import CrossLikelihoodReport
 from datamodules.pooled_sources import POOLED_SOURCE
 from datamodules.registry import build_datamodule
 from experiments.config import ConfigError, to_dict
+from experiments.fitting import family_sources
 from experiments.run_layout import (PAPER003_SIGMAS, canonical_sigma, check_compatible, experiment_dir, finished_sigmas,
                                     load_prior, prior_dir)
-from experiments.train import family_sources
 from experiments.trainer_factory import run_test_loop
 from lightning_modules.cross_likelihood import CrossLikelihoodModule
 from lightning_modules.nn.noise_level_view import NoiseLevelView, ode_method

@@ -89,6 +89,25 @@ def finished_sigmas(config, grid="paper003", pooled=False):
     return sorted(found)
 
 
+def finished_priors(config, grids):
+    """Every finished prior of ``grids`` as {"sigma", "grid", "dir"}, earlier grids first; the noiseless
+    prior (shared by both layouts) once."""
+    found = []
+    for grid in grids:
+        for sigma in finished_sigmas(config, grid):
+            directory = str(prior_dir(config, sigma, grid))
+            if all(directory != f["dir"] for f in found):
+                found.append({"sigma": sigma, "grid": "noiseless" if sigma == 0 else grid, "dir": directory})
+    return found
+
+
+def no_prior_error(config):
+    return FileNotFoundError(
+        f"no finished prior under {experiment_dir(config)}; train it first: "
+        f"make train EXPERIMENT={config.experiment} PRESET={config.preset}"
+    )
+
+
 def load_prior(run_dir, expected_sources=None, expected_model=None):
     """Load a trained PriorModule from ``run_dir/last.ckpt`` (``weights_only=True``)."""
     from lightning_modules.prior_module import PriorModule

@@ -19,13 +19,13 @@ from omegaconf import OmegaConf
 from callbacks.separation_report import SeparationReport
 from datamodules.registry import build_datamodule, dataset_mixing
 from experiments.config import ConfigError, to_dict
-from experiments.run_layout import (basis_sigmas, canonical_sigma, experiment_dir, finished_sigmas, is_done,
-                                   load_prior, prior_dir)
+from experiments.run_layout import (basis_sigmas, canonical_sigma, experiment_dir, finished_priors, is_done,
+                                   load_prior, no_prior_error, prior_dir)
 from experiments.trainer_factory import run_test_loop
 from lightning_modules.langevin import LangevinSeparator, basis_levels, mixing_weights, sgld_levels
 from lightning_modules.level_score import LevelScore, log_distance
 from lightning_modules.nn.source_subset import SourceSubset
-from lightning_modules.prior_registry import PRIOR_FAMILIES, resolve_model_config
+from lightning_modules.prior_registry import is_noise_conditional
 from lightning_modules.separation import SeparationModule, selection_kind
 
 log = logging.getLogger(__name__)
@@ -73,18 +73,6 @@ def levels_for(config):
 GRID_PREFERENCE = {"basis": ("basis", "paper003"), "sgld": ("paper003", "basis"), "diffusion": ("basis", "paper003")}
 
 
-def finished_priors(config, grids):
-    """Every finished prior of ``grids`` as {"sigma", "grid", "dir"}, earlier grids first; the noiseless
-    prior (shared by both layouts) once."""
-    found = []
-    for grid in grids:
-        for sigma in finished_sigmas(config, grid):
-            directory = str(prior_dir(config, sigma, grid))
-            if all(directory != f["dir"] for f in found):
-                found.append({"sigma": sigma, "grid": "noiseless" if sigma == 0 else grid, "dir": directory})
-    return found
-
-
 def missing_prior_error(config, sigmas, grid, finished):
     where = experiment_dir(config) / ("basis_grid" if grid == "basis" else "")
     args = f"EXPERIMENT={config.experiment} PRESET={config.preset}"
@@ -102,13 +90,6 @@ def missing_prior_error(config, sigmas, grid, finished):
         f"no prior fine-tuned at sigma {sigmas} {what} under {where} (finished: "
         f"{[(f['sigma'], f['grid']) for f in finished]}). Run {fix}, or pass separation.prior_levels=nearest "
         f"to use the nearest finished levels of either layout"
-    )
-
-
-def no_prior_error(config):
-    return FileNotFoundError(
-        f"no finished prior under {experiment_dir(config)}; train it first: "
-        f"make train EXPERIMENT={config.experiment} PRESET={config.preset}"
     )
 
 
@@ -148,13 +129,6 @@ def resolve_mixing(config, n_sources):
         kind, origin = dataset_mixing(config.data.name), f"data.name={config.data.name}"
     alpha = mixing_weights(None if kind == "weights" else kind, n_sources, sep.mixing_weights)
     return alpha, {"kind": kind, "alpha": alpha.tolist(), "from": origin}
-
-
-def is_noise_conditional(config):
-    """Whether the run's family is one network for every sigma (score priors), read from the family class:
-    load_prior checks that the checkpoints are of the configured family."""
-    name = resolve_model_config(to_dict(config.model))["name"]
-    return bool(getattr(PRIOR_FAMILIES[name][0], "noise_conditional", False))
 
 
 class PriorLoader:
@@ -304,7 +278,7 @@ def build_separator(config):
                           f"{sep.algorithm}; separate with separation.algorithm=latent")
     levels = levels_for(config) if sep.algorithm != "diffusion" else None
     load = PriorLoader(config, sources)
-    if is_noise_conditional(config):
+    if is_noise_conditional(to_dict(config.model)):
         sigmas = [level.sigma for level in levels] if levels else [sep.diffusion_sigma_min]
         score_model, selection, record = noise_conditional_priors(config, load, sigmas)
     elif levels is None:

@@ -20,6 +20,7 @@ from callbacks.atomic_checkpoint_io import read_checkpoint
 from datamodules.atomic_io import atomic_write_text
 from datamodules.registry import build_datamodule, dataset_mixing
 from experiments.config import ConfigError, to_dict
+from experiments.fitting import family_data, family_sources, fit
 from experiments.run_layout import experiment_dir, is_done, prior_dir
 from experiments.trainer_factory import run_test_loop
 
@@ -43,7 +44,6 @@ def check_lqvae_config(config):
 def train_lqvae(config):
     """Stage 1, then its report on the test set."""
     from callbacks.lqvae_report import LQVAEReport
-    from experiments.train import fit
     from lightning_modules.lqvae_module import LQVAEModule
 
     check_lqvae_config(config)
@@ -94,7 +94,6 @@ def digest(path):
 def train_latent_priors(config, pooled=False):
     """Stage 2: the per-source Transformers over the codes of the finished stage-1 LQ-VAE (``pooled``: one
     Transformer over every source's codes, the pooled prior of the discrimination report)."""
-    from experiments.train import family_data, family_sources, fit
     from lightning_modules.latent_prior_module import LatentPriorModule
 
     check_lqvae_config(config)

@@ -21,12 +21,15 @@ from datamodules.atomic_io import atomic_write_text
 from datamodules.mixtures_only import MixtureDataModule
 from datamodules.registry import build_datamodule, dataset_mixing
 from experiments.config import ConfigError, to_dict
-from experiments.run_layout import canonical_sigma, experiment_dir, is_done, load_prior, prior_dir
+from experiments.fitting import fit
+from experiments.run_layout import (canonical_sigma, experiment_dir, finished_priors, is_done, load_prior,
+                                   no_prior_error, prior_dir)
 from experiments.train_lqvae import digest
 from lightning_modules.langevin import mixing_weights
 from lightning_modules.level_score import log_distance
 from lightning_modules.nn.source_subset import SourceSubset
 from lightning_modules.posterior_module import PosteriorModule
+from lightning_modules.prior_registry import is_noise_conditional
 
 log = logging.getLogger(__name__)
 NET_KEYS = ("width", "n_layers", "kernel_size", "distribution", "init_from_average", "init_scale", "min_scale")
@@ -47,8 +50,6 @@ def posterior_dir(config, sources, name=None):
 
 def resolve_prior(config):
     """(prior directory, its sigma, score sigma or None): the frozen prior the ELBO scores samples with."""
-    from experiments.separate import finished_priors, is_noise_conditional, no_prior_error
-
     post, family = config.posterior, config.model.name
     if family == "lqvae":
         raise ConfigError("the LQ-VAE family's priors score discrete codes, with no gradient for the posterior's "
@@ -59,7 +60,7 @@ def resolve_prior(config):
     sigma = canonical_sigma(post.prior_sigma) if post.prior_sigma > 0 else 0.0
     if post.prior_levels not in ("exact", "nearest"):
         raise ConfigError(f"unknown posterior.prior_levels {post.prior_levels!r}; choose 'exact' or 'nearest'")
-    if is_noise_conditional(config):
+    if is_noise_conditional(to_dict(config.model)):
         if sigma <= 0:
             raise ConfigError("a score prior has no score at sigma 0: set posterior.prior_sigma > 0 (e.g. 0.01)")
         directory = prior_dir(config, 0.0)
@@ -123,7 +124,6 @@ def check_resume(config, sources):
 
 
 def train_posterior(config):
-    from experiments.train import fit
 
     sources = posterior_sources(config)
     run_dir = posterior_dir(config, sources)

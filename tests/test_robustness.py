@@ -98,7 +98,7 @@ def test_killed_training_resumes_and_completes(tmp_path):
 
 
 def test_a_resumed_run_keeps_the_metrics_logged_before(tmp_path):
-    from experiments.train import keep_metrics_history
+    from experiments.fitting import keep_metrics_history
 
     logs = tmp_path / "logs"
     logs.mkdir()
