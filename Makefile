@@ -152,14 +152,14 @@ separate: ## Separate a file: make separate MIX=song.wav OUT=dir [EXPERIMENT=toy
 	$(CLI) separate-file $(COMMON) "mix=$$MIX" "out=$$OUT" "force=$$FORCE" $(SEPARATION_SOURCES) "$${args[@]}"
 
 bench: ## Prior throughput, Langevin steps/s + memory, data loading x real time, score priors: training, ODE likelihood, diffusion s/audio s; variational posterior: step, s/audio s ($(RUNS)/bench*.json)
-	$(SPLIT) $(PY) -m experiments.bench "output=$$RUNS/bench.json" "$${args[@]}"
-	read -ra args <<< "$$LANGEVIN_ARGS"; $(PY) -m experiments.bench_langevin "output=$$RUNS/bench_langevin.json" "$${args[@]}"
-	read -ra args <<< "$$DATA_ARGS"; $(PY) -m experiments.bench_data "output=$$RUNS/bench_data.json" "$${args[@]}"
-	read -ra args <<< "$$SCORE_ARGS"; $(PY) -m experiments.bench_score "output=$$RUNS/bench_score.json" "$${args[@]}"
-	read -ra args <<< "$$POSTERIOR_ARGS"; $(PY) -m experiments.bench_posterior "output=$$RUNS/bench_posterior.json" "$${args[@]}"
+	$(SPLIT) $(PY) -m experiments.bench.priors "output=$$RUNS/bench.json" "$${args[@]}"
+	read -ra args <<< "$$LANGEVIN_ARGS"; $(PY) -m experiments.bench.langevin "output=$$RUNS/bench_langevin.json" "$${args[@]}"
+	read -ra args <<< "$$DATA_ARGS"; $(PY) -m experiments.bench.data "output=$$RUNS/bench_data.json" "$${args[@]}"
+	read -ra args <<< "$$SCORE_ARGS"; $(PY) -m experiments.bench.score "output=$$RUNS/bench_score.json" "$${args[@]}"
+	read -ra args <<< "$$POSTERIOR_ARGS"; $(PY) -m experiments.bench.posterior "output=$$RUNS/bench_posterior.json" "$${args[@]}"
 
 bench-compare: ## This tree against a git revision side by side: make bench-compare AGAINST=<rev> [ARGS="cases=toy_flow:default:train rounds=3"] ($(RUNS)/bench_compare.json)
-	$(SPLIT) $(PY) -m experiments.bench_compare "against=$$AGAINST" "output=$$RUNS/bench_compare.json" "$${args[@]}"
+	$(SPLIT) $(PY) -m experiments.bench.compare "against=$$AGAINST" "output=$$RUNS/bench_compare.json" "$${args[@]}"
 
 show-config: ## Print the resolved configuration of EXPERIMENT with PRESET and ARGS
 	$(CLI) show-config $(COMMON) "$${args[@]}"

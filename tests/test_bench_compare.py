@@ -5,7 +5,7 @@ import os
 import subprocess
 import sys
 
-from experiments.bench_compare import ROOT, main, same_check
+from experiments.bench.compare import ROOT, main, same_check
 
 
 def test_same_check_compares_to_five_significant_digits():
@@ -39,7 +39,7 @@ def test_side_by_side_run_flags_a_tree_that_computes_something_else(tmp_path):
     output = tmp_path / "compare.json"
     cases = "toy_wavenet:default:loglik,toy_flow:default:langevin"
     done = subprocess.run(
-        [sys.executable, "-m", "experiments.bench_compare", "against=HEAD", f"cases={cases}", "rounds=1", "steps=2",
+        [sys.executable, "-m", "experiments.bench.compare", "against=HEAD", f"cases={cases}", "rounds=1", "steps=2",
          "batch=1", "crop=256", "chains=1", "seconds=0.02", f"output={output}"],
         cwd=clone, env={**os.environ, "PYTHONPATH": str(clone)}, capture_output=True, text=True)
     assert done.returncode == 1, done.stderr  # a case computed something else

@@ -1,7 +1,7 @@
 """The data-loading bench runs end to end on a tiny synthetic dataset and reports what it measured."""
 import json
 
-from experiments.bench_data import main
+from experiments.bench.data import main
 
 
 def test_bench_data_reports_decode_and_epoch_speed(tmp_path):

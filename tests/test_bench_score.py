@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from experiments.bench_score import main
+from experiments.bench.score import main
 
 TINY = ["model.width=8", "model.n_layers=2", "model.embed_dim=16", "model.ode_divergence=hutchinson",
         "data.crop_length=256", "data.batch_size=2", "separation.length=256", "separation.diffusion_steps=3",

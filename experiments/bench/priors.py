@@ -1,6 +1,6 @@
 """``make bench``: training and log-likelihood throughput of the prior presets, as JSON.
 
-    python -m experiments.bench [output=runs/bench.json] [experiments=toy_flow,toy_wavenet]
+    python -m experiments.bench.priors [output=runs/bench.json] [experiments=toy_flow,toy_wavenet]
                                 [presets=default,paper] [steps=3] [device=auto] [precision=32]
                                 [paper_batch_size=...] [paper_crop_length=...]
 
@@ -11,35 +11,16 @@ our layout choice; for WaveNet it measures ancestral sampling with and without t
 On CPU the paper presets run with batch 1 (and WaveNet with shorter crops): say so when quoting them.
 """
 import json
-import platform
 import sys
-import time
 
 import torch
 
-from datamodules.atomic_io import atomic_write_text
+from experiments.bench.common import autocast, parse_options, pick_device, time_it, write_bench
 from experiments.config import load_config, to_dict
 from lightning_modules.prior_registry import build_prior, resolve_model_config
 
 
-def synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
-
-def time_it(fn, steps, device):
-    fn()  # warm-up (and data-dependent ActNorm init)
-    synchronize(device)
-    started = time.perf_counter()
-    for _ in range(steps):
-        fn()
-    synchronize(device)
-    return (time.perf_counter() - started) / steps
-
-
-def autocast(device, precision):
-    dtype = {"bf16": torch.bfloat16, "16": torch.float16}.get(precision)
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
 def measure(priors_list, batch, device, precision, steps):
@@ -106,32 +87,7 @@ def bench_sampling(wavenet, device, cached_length=2000, uncached_length=200):
     return out
 
 
-def parse_options(argv, options):
-    """key=value arguments into ``options`` (its keys are the known ones); False after an error message."""
-    for arg in argv:
-        key, _, value = arg.partition("=")
-        if key not in options:
-            print(f"error: unknown option {key!r}; known: {sorted(options)}", file=sys.stderr)
-            return False
-        options[key] = value
-    return True
 
-
-def pick_device(name):
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def write_bench(options, device, results):
-    report = {
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
-        "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-        "precision": options["precision"], "results": results,
-    }
-    atomic_write_text(options["output"], json.dumps(report, indent=2))
-    print(f"written to {options['output']}")
-    return 0
 
 
 def main(argv):

@@ -1,7 +1,7 @@
 """``make bench`` (data part): how fast musdb18 songs are decoded into the stem cache, and how fast an
 epoch of random training frames is then read from it, in multiples of real time.
 
-    python -m experiments.bench_data [output=runs/bench_data.json] [root=$MUSDB_ROOT] [layouts=hq,stems]
+    python -m experiments.bench.data [output=runs/bench_data.json] [root=$MUSDB_ROOT] [layouts=hq,stems]
                                      [tracks=8] [seconds=60] [crop_length=16384] [batch_size=2]
                                      [frames_per_song=150] [workers=0,2] [workdir=runs/bench_data_work]
 
@@ -23,7 +23,7 @@ import torch
 
 from datamodules.musdb18 import MusdbDataModule
 from datamodules.synthetic_layouts import write_musdb_hq, write_musdb_stems
-from experiments.bench import parse_options, pick_device, write_bench
+from experiments.bench.common import parse_options, pick_device, write_bench
 
 SAMPLE_RATE = 16000
 

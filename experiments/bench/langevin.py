@@ -1,6 +1,6 @@
 """``make bench`` (second part): Langevin separation speed and peak memory, as JSON.
 
-    python -m experiments.bench_langevin [output=runs/bench_langevin.json] [cases=toy_flow:default,...]
+    python -m experiments.bench.langevin [output=runs/bench_langevin.json] [cases=toy_flow:default,...]
                                          [chains=16] [seconds=1.0] [steps=2] [device=auto] [precision=32]
 
 One Langevin step = one forward and backward pass of the priors over every chain, plus the mixture
@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from experiments.bench import autocast, parse_options, pick_device, synchronize, write_bench
+from experiments.bench.common import autocast, parse_options, pick_device, synchronize, write_bench
 from experiments.config import load_config, to_dict
 from lightning_modules.level_score import LevelScore
 from lightning_modules.langevin import LangevinSeparator, mixing_weights, sgld_levels
@@ -76,7 +76,7 @@ def main(argv):
     for case in options["cases"].split(","):
         print(f"benchmarking Langevin steps of {case} on {device} ...", flush=True)
         child = [f"{k}={v}" for k, v in options.items() if k not in ("output", "cases", "one")]
-        done = subprocess.run([sys.executable, "-m", "experiments.bench_langevin", f"one={case}", *child],
+        done = subprocess.run([sys.executable, "-m", "experiments.bench.langevin", f"one={case}", *child],
                               capture_output=True, text=True)
         if done.returncode != 0:
             print(done.stderr[-3000:], file=sys.stderr)

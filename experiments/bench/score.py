@@ -1,6 +1,6 @@
 """``make bench`` (score priors): training throughput, ODE likelihood time and diffusion separation time, as JSON.
 
-    python -m experiments.bench_score [output=runs/bench_score.json] [experiment=toy_score] [preset=default]
+    python -m experiments.bench.score [output=runs/bench_score.json] [experiment=toy_score] [preset=default]
                                       [train_steps=5] [warmup=2] [repeats=1] [loglik_batch_size=]
                                       [n_mixtures=1] [device=auto] [precision=auto] [threads=]
                                       [section.key=value ...]
@@ -36,7 +36,7 @@ import time
 import torch
 
 from datamodules.atomic_io import atomic_write_text
-from experiments.bench import parse_options, pick_device, synchronize
+from experiments.bench.common import parse_options, pick_device, synchronize
 from experiments.config import ConfigError, load_config, to_dict
 from lightning_modules.diffusion import DiffusionSeparator
 from lightning_modules.langevin import mixing_weights

@@ -1,6 +1,6 @@
 """``make bench`` (last part): speed of the variational posterior of an experiment's preset, as JSON.
 
-    python -m experiments.bench_posterior [output=runs/bench_posterior.json] [experiment=toy_flow]
+    python -m experiments.bench.posterior [output=runs/bench_posterior.json] [experiment=toy_flow]
                                           [preset=default] [sources=sine,square] [steps=5] [device=auto]
                                           [key=value ...]
 
@@ -20,7 +20,7 @@ import torch
 
 from datamodules.atomic_io import atomic_write_text
 from datamodules.registry import dataset_mixing
-from experiments.bench import synchronize, time_it
+from experiments.bench.common import synchronize, time_it
 from experiments.config import load_config, to_dict
 from experiments.train_posterior import NET_KEYS
 from lightning_modules.langevin import mixing_weights

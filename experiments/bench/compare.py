@@ -1,12 +1,12 @@
 """``make bench-compare``: the current tree against a git revision, side by side in one run.
 
-    python -m experiments.bench_compare against=<revision> [cases=toy_flow:default:train,...] [rounds=3]
+    python -m experiments.bench.compare against=<revision> [cases=toy_flow:default:train,...] [rounds=3]
                                         [steps=3] [output=runs/bench_compare.json] [paper_batch=1]
                                         [paper_crop=0] [wavenet_paper_crop=4096] [chains=16] [seconds=1.0]
                                         [batch=N] [crop=N] [compile=1]
 
 The revision is checked out in a temporary git worktree (removed afterwards). Every round runs every
-case once in each tree, each run a fresh process of ``experiments/bench_case.py`` from *this* tree, so
+case once in each tree, each run a fresh process of ``experiments/bench/case.py`` from *this* tree, so
 both trees are timed by the same code; the order of the two trees alternates from round to round so
 that neither always runs first. Per case and tree: min and median seconds per step over every timed
 step, and the speed-up ``theirs / ours`` of each. Each run also reports a check value (the
@@ -29,10 +29,10 @@ import tempfile
 from pathlib import Path
 
 from datamodules.atomic_io import atomic_write_text
-from experiments.bench import parse_options
+from experiments.bench.common import parse_options
 
-ROOT = Path(__file__).resolve().parent.parent
-CASE_SCRIPT = Path(__file__).resolve().parent / "bench_case.py"
+ROOT = Path(__file__).resolve().parents[2]
+CASE_SCRIPT = Path(__file__).resolve().parent / "case.py"
 DEFAULT_CASES = ",".join(
     f"{experiment}:{preset}:{kind}"
     for experiment in ("toy_flow", "toy_wavenet") for preset in ("default", "paper") for kind in ("train", "loglik")
