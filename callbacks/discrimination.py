@@ -6,7 +6,9 @@ Scores of a crop x under prior k, nats per sample, higher = more typical of sour
 
     raw          log p_k(x)
     complexity   log p_k(x) + log(step) + L(x)     Serra et al. (ICLR 2020): -S(x), with L(x) the crop's FLAC
-                                                   length and step its quantisation (lightning_modules/coder_length.py)
+                                                   length and step its quantisation (lightning_modules/coder_length.py);
+                                                   for densities only: n/a for a discrete family (mu-law WaveNet,
+                                                   LQ-VAE codes), per_crop["complexity_unavailable"] says why
     ratio        log p_k(x) - log p_pooled(x)      Ren et al. (2019): against the same family trained on every
                                                    source pooled (make train-pooled)
 
@@ -78,6 +80,9 @@ def apply_score(kind, loglik, log_step=None, length=None, pooled=None):
 
 def crop_scores(per_crop, level, kind):
     """The [n, N(k), N(j)] scores of ``kind`` under model ``level``, or None when a term is missing."""
+    if kind == "complexity" and per_crop.get("complexity_unavailable"):
+        return None
+
     def per_data_source(values):  # [n, N(k)] -> [n, N(k), 1]: the same for every prior j
         return None if values is None else np.asarray(values, dtype=float)[:, :, None]
 
@@ -142,5 +147,6 @@ def discrimination(results):
     sources = [str(s) for s in results["sources"]]
     levels = [{"sigma_model": float(s), **level_metrics(per_crop, a, sources)}
               for a, s in enumerate(per_crop["sigma_model"])]
+    unavailable = {"complexity": per_crop["complexity_unavailable"]} if per_crop.get("complexity_unavailable") else {}
     return {"sources": sources, "count": len(per_crop["index"]), "levels": levels, "inputs": inputs_metrics(results),
-            "scores": SCORE_FORMULAS, "coder": per_crop.get("coder")}
+            "scores": SCORE_FORMULAS, "coder": per_crop.get("coder"), "unavailable": unavailable}

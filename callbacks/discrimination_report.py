@@ -107,7 +107,7 @@ def summary_md(report: Mapping[str, Any]) -> str:
         for kind in ("complexity", "ratio"):
             metrics = level[kind]
             if metrics is None:
-                cells.append(f"n/a ({MISSING[kind]})")
+                cells.append(f"n/a ({report.get('unavailable', {}).get(kind, MISSING[kind])})")
             else:
                 change = metrics["worst_auroc"] - raw
                 cells.append(f"{_fmt_md(metrics['worst_auroc'])} ({'+' if change >= 0 else ''}{change:.3f})")

@@ -18,6 +18,7 @@ from datamodules.registry import build_datamodule
 from experiments.config import save_config, to_dict
 from experiments.run_layout import check_compatible, is_done, mark_done
 from experiments.trainer_factory import build_trainer, compile_prior, finish_loggers
+from lightning_modules.prior_module import PriorModule, check_precision
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,8 @@ def fit(config, run_dir, module, max_steps, val_check_interval, job_type, early_
     """Train ``module`` into ``run_dir`` (resuming its last.ckpt). ``datamodule``: None = the config's data;
     ``check_resume(path, hparams)`` refuses a checkpoint of another configuration (default: a prior's)."""
     run_dir = Path(run_dir)
+    if isinstance(module, PriorModule):  # before anything is written: fp16 would couple the grouped priors
+        check_precision(config.trainer.precision, len(module.sources))
     if is_done(run_dir):
         log.warning("%s is already finished (done.json); delete it to retrain", run_dir)
         return run_dir

@@ -12,7 +12,8 @@ It is not a likelihood, only a second view of which prior explains which source.
 Per-crop values for the discrimination report (callbacks/discrimination.py) are kept too, gathered over ranks
 and ordered by example index: every prior's log-likelihood of every source's (noisy) crop, the pooled
 prior's (``pooled_priors``, one prior of the family trained on all sources; None where none was trained at
-that level) and the crop's length under a lossless coder (lightning_modules/coder_length.py).
+that level) and the crop's length under a lossless coder (lightning_modules/coder_length.py), for a family
+whose log_prob is a density only (see DISCRETE_COMPLEXITY).
 """
 import math
 
@@ -24,6 +25,12 @@ from torch import nn
 from lightning_modules.coder_length import check_bit_depth, coder_length, describe
 
 INPUT_KINDS = ("constant 0", "constant 1", "gaussian std 0.5")
+# The complexity correction log p(x) + log(step) + L(x) turns a density into the probability of the 16-bit crop
+# and compares it with FLAC's code of that crop. A family flagged ``discrete_likelihood`` (mu-law WaveNet, LQ-VAE
+# code priors) gives probabilities of its own classes or codes instead: adding log(step) would mix units, and a
+# density would need an assumption the model does not make (e.g. uniform within each mu-law bin). No score then.
+DISCRETE_COMPLEXITY = ("the priors give probabilities of discrete classes or codes, not a waveform density: "
+                       "log(step) + L(x) does not apply")
 DENOISING_LABEL = ("denoising MSE ||D_j(x_k + sigma eps, sigma) - x_k||^2 / T (lower = prior j explains source k "
                    "better); not a likelihood")
 
@@ -72,6 +79,9 @@ class CrossLikelihoodModule(pl.LightningModule):
         self.pooled_levels = [a for a, p in enumerate(pooled_priors) if p is not None]
         self.pooled = nn.ModuleList([p for p in pooled_priors if p is not None])
         self.sample_rate, self.coder_bit_depth = sample_rate, check_bit_depth(coder_bit_depth)
+        discrete = any(getattr(p, "discrete_likelihood", False) for p in priors)
+        self.complexity_unavailable = DISCRETE_COMPLEXITY if discrete else None
+        self.coded = sample_rate is not None and not discrete  # coder lengths serve the complexity score only
         self.crop_parts = []
         self.sigmas_model = [float(s) for s in sigmas_model]
         self.sigmas_data = [float(s) for s in sigmas_data]
@@ -134,7 +144,7 @@ class CrossLikelihoodModule(pl.LightningModule):
             # Every source's crop is one example of the one-source pooled prior.
             crops = noisy.reshape(batch_size * n_sources, 1, length)
             pooled = self.log_prob(self.pooled_prior(a), crops).view(batch_size, n_sources).cpu()
-        if self.sample_rate is not None:
+        if self.coded:
             lengths = coder_length(noisy, self.sample_rate, self.coder_bit_depth)
         return pooled, lengths
 
@@ -182,8 +192,9 @@ class CrossLikelihoodModule(pl.LightningModule):
             "sigma_model": self.sigmas_model,
             "loglik": values["loglik"].tolist(),  # [A][crop][data k][prior j]
             "pooled": pooled,  # [A][crop][data k], None where no pooled prior at that level
-            "coder_length": values["coder_length"].tolist() if self.sample_rate is not None else None,
-            "coder": describe(self.sample_rate, self.coder_bit_depth) if self.sample_rate is not None else None,
+            "coder_length": values["coder_length"].tolist() if self.coded else None,
+            "coder": describe(self.sample_rate, self.coder_bit_depth) if self.coded else None,
+            "complexity_unavailable": self.complexity_unavailable,
         }
 
     def on_test_epoch_end(self):
@@ -246,6 +257,6 @@ class CrossLikelihoodModule(pl.LightningModule):
                 # The same input in every channel: the pooled prior and the coder see its first.
                 pooled, lengths = self.crop_values(a, x[:, :1].to(self.device))
                 row["pooled"] = float(pooled.mean()) if self.pooled_prior(a) is not None else None
-                row["coder_length"] = float(lengths.mean()) if self.sample_rate is not None else None
+                row["coder_length"] = float(lengths.mean()) if self.coded else None
                 rows.append(row)
         return rows

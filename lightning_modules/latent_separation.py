@@ -83,6 +83,7 @@ class LatentSeparator(nn.Module):
         self.nonfinite_steps = 0
         self.score_model = PriorSelection(self)  # after rejection_alpha: its label names it
         self.last_selection, self.table, self.table_key = None, None, None
+        self.pair_grid = None  # [K^2, 2] every (i, j), built once on the device (not a buffer: not in state_dict)
 
     def sum_table(self):
         """The pair table of the current codebook (rebuilt whenever the codebook or alpha changes)."""
@@ -92,9 +93,18 @@ class LatentSeparator(nn.Module):
             self.table, self.table_key = pair_sum_table(quantizer, self.alpha), key
         return self.table
 
+    def pairs(self, k, device):
+        """[K^2, 2] every pair (i, j) of codes, kept: at K = 2048 it is 4M rows, too many to build and copy
+        to the device at every step."""
+        if self.pair_grid is None or self.pair_grid.shape[0] != k * k or self.pair_grid.device != device:
+            codes = torch.arange(k, device=device)
+            self.pair_grid = torch.cartesian_prod(codes, codes)
+        return self.pair_grid
+
     def step_scores(self, log_priors, mix_code):
         """Joint scores of the candidate tuples at one step. log_priors [M, N, K] (the separated sources'
         next-code log-probabilities), mix_code [M, D] -> (tuples [M, J, N] of code indices, scores [M, J])."""
+        mix_code = mix_code.float()  # distances between nearby codes: float32 even under autocast
         quantizer = self.prior.lqvae.quantizer
         codebook = quantizer.codebook.float()
         n_sources, k = log_priors.shape[1], log_priors.shape[2]
@@ -103,8 +113,7 @@ class LatentSeparator(nn.Module):
             distance = (mix_code[:, None] - codebook[None]).pow(2).sum(-1)  # [M, K]: ||m_s - e_c||^2
             sum_distance = distance[:, table]  # [M, K, K]
             prior = log_priors[:, 0, :, None] + log_priors[:, 1, None, :]
-            grid = torch.cartesian_prod(torch.arange(k), torch.arange(k)).to(mix_code.device)  # [K^2, 2]
-            tuples = grid.unsqueeze(0).expand(mix_code.shape[0], -1, -1)
+            tuples = self.pairs(k, mix_code.device).unsqueeze(0).expand(mix_code.shape[0], -1, -1)
 
             def code_match():
                 return (table[None] == quantizer.nearest(mix_code)[:, None, None]).flatten(1)
@@ -114,6 +123,7 @@ class LatentSeparator(nn.Module):
 
     def top_k_scores(self, log_priors, mix_code, top_k):
         """The approximation for N > 2 sources (module docstring): (tuples [M, top_k^N, N], scores)."""
+        mix_code = mix_code.float()
         quantizer = self.prior.lqvae.quantizer
         codebook = quantizer.codebook.float()
         n_sources = log_priors.shape[1]

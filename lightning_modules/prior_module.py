@@ -7,7 +7,8 @@ priors were trained or fine-tuned on; 0 for noiseless).
 
 The N priors of a family share grouped parameters but must train exactly as they would alone, so
 everything that couples them is done per prior (see ``per_prior``): the loss, the skip of a non-finite
-step, and gradient clipping.
+step, and gradient clipping. fp16 mixed precision is refused for several priors (``check_precision``):
+its one loss scaler would skip every prior's step when one overflows; bf16 mixed precision needs no scaler.
 """
 import logging
 import math
@@ -27,6 +28,18 @@ def per_prior(tensor, n_priors):
     Every family keeps each parameter's first dimension grouped by prior (grouped convolutions stack
     the N priors' filters along the output channels; ActNorm's are ``[N, C, 1]``)."""
     return tensor.view(n_priors, -1)
+
+
+def check_precision(precision, n_priors):
+    """Refuse fp16 mixed precision for a family of several priors. Its one loss scaler skips the whole
+    optimizer step when any prior's scaled gradient overflows, so every prior would lose the step of the
+    one that overflowed: the priors would be coupled again. bf16 needs no loss scaling."""
+    if str(precision) in ("16", "16-mixed") and n_priors > 1:  # "16-true" has no scaler
+        raise ValueError(
+            f"trainer.precision={precision!r} (fp16) couples the {n_priors} priors: its single loss scaler skips "
+            f"every prior's step when one overflows. Use bf16 mixed precision instead (PRESET=...,bf16, "
+            f"trainer.precision=bf16-mixed)"
+        )
 
 
 def mix_seed(*parts):
@@ -95,6 +108,10 @@ class PriorModule(pl.LightningModule):
         self.loss_skip = None  # [N] bool: priors whose loss was non-finite on some rank in this step
         # What training minimises, as logged: "loglik" (maximised; its negative is the loss) or a loss name.
         self.metric = getattr(self.prior, "training_metric", "loglik")
+
+    def setup(self, stage):
+        if stage == "fit":
+            check_precision(self.trainer.precision, len(self.sources))
 
     @property
     def noise_sigma(self) -> float:

@@ -67,3 +67,46 @@ def test_table_1_uses_the_papers_level_when_it_was_trained():
 
 def test_noise_depends_on_example_not_batch():
     assert torch.equal(example_noise([5], (2, 8), 0)[0], example_noise([1, 5], (2, 8), 0)[1])
+
+
+def discrimination_of(prior, sources):
+    from callbacks.discrimination import discrimination
+
+    dm = ToyDataModule(sources=sources, eval_length=64, eval_batch_size=2, n_test=4)
+    module = CrossLikelihoodModule([prior], [0.0], sources, n_input_examples=1, input_length=64, sample_rate=16000)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False)
+    trainer.test(module, datamodule=dm, verbose=False)
+    return module.results, discrimination(module.results)
+
+
+def test_complexity_score_is_na_for_discrete_families_and_unchanged_for_densities():
+    from callbacks.discrimination import crop_scores
+    from callbacks.discrimination_report import summary_md
+    from lightning_modules.coder_length import coder_length, log_step
+    from lightning_modules.nn.latent_prior import LatentPrior, LatentPriorConfig
+    from tests.test_wavenet import tiny_wavenet
+
+    sources = ["sine", "square", "saw"]
+    # A density: log p + log(step) + L(x), as before.
+    results, report = discrimination_of(GaussianPriors([0.5, 0.7, 1.0]), sources)
+    per_crop = results["per_crop"]
+    data = torch.stack([ToyDataModule(sources=sources, eval_length=64).dataset("test")[i]["sources"]
+                        for i in range(4)])
+    assert torch.allclose(torch.tensor(per_crop["coder_length"][0], dtype=torch.float64), coder_length(data, 16000))
+    complexity = crop_scores(per_crop, 0, "complexity")
+    expected = (torch.tensor(per_crop["loglik"][0], dtype=torch.float64) + log_step(16)
+                + torch.tensor(per_crop["coder_length"][0], dtype=torch.float64)[:, :, None])
+    assert torch.allclose(torch.from_numpy(complexity), expected)
+    assert report["levels"][0]["complexity"] is not None
+    # Probabilities of mu-law classes or LQ-VAE codes: log(step) + L(x) has other units, no score.
+    torch.manual_seed(0)
+    latent = LatentPrior(3, LatentPriorConfig(codebook_size=8, code_dim=3, vq_width=8, strides=[4], res_depth=1,
+                                              width=16, n_layers=1, n_heads=2, context=8))
+    latent.lqvae.quantizer.ema_update(torch.randn(64, 3))
+    for discrete in (tiny_wavenet("mulaw", n_priors=3), latent.eval()):
+        results, report = discrimination_of(discrete, sources)
+        assert report["levels"][0]["complexity"] is None
+        assert report["levels"][0]["raw"] is not None
+        assert all(row["score"] != "complexity" for row in report["inputs"])
+        assert "not a waveform density" in summary_md(report)

@@ -198,3 +198,24 @@ def test_early_stopping_keeps_each_priors_best_and_waits_for_all():
     copy = PerPriorEarlyStopping(["sine", "saw"], patience=2)
     copy.load_state_dict(stopper.state_dict())
     assert copy.summary() == stopper.summary()
+
+
+def test_fp16_is_refused_for_grouped_priors_and_bf16_is_not():
+    """fp16's one loss scaler skips the whole family's step when one prior overflows: the priors would be coupled."""
+    from pytorch_lightning.plugins.precision import MixedPrecision
+
+    from datamodules.toy import ToyDataModule
+
+    family = PriorModule(MODEL, ["sine", "square"])
+    fp16 = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))  # Lightning's CPU default is bf16
+    trainer = pl.Trainer(accelerator="cpu", plugins=[fp16], max_steps=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)
+    data = ToyDataModule(sources=["sine", "square"], crop_length=64, batch_size=2, n_train=4, n_val=2)
+    with pytest.raises(ValueError, match="bf16"):
+        trainer.fit(family, datamodule=data)
+    for precision in ("bf16-mixed", "32-true"):
+        family.trainer = SimpleNamespace(precision=precision)
+        family.setup("fit")
+    single = PriorModule(MODEL, ["pooled"])  # one prior: nothing to couple
+    single.trainer = SimpleNamespace(precision="16-mixed")
+    single.setup("fit")

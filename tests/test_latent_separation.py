@@ -124,3 +124,32 @@ def test_more_than_two_sources_need_top_k_and_then_separate(prior):
     estimates, _ = sep(torch.randn(1, 32), 2, seeds=[0])
     assert estimates.shape == (1, 2, 3, 32) and torch.isfinite(estimates).all()
     assert sep.last_selection.shape == (2, 3)
+
+
+def test_distances_under_bf16_autocast_are_the_float32_ones(prior):
+    quantizer = prior.lqvae.quantizer
+    saved = quantizer.codebook.clone()
+    torch.manual_seed(4)
+    log_priors = torch.randn(2, 2, 8).log_softmax(-1)
+    mix_code = 100 + 0.01 * torch.randn(2, 3)
+    latents = (100 + 0.01 * torch.randn(1, 3, 4)).to(torch.bfloat16)  # what the encoder gives under autocast
+    try:
+        # Codes 0.01 apart around 100, where bf16 steps by 0.5: bf16 distances would tie or round.
+        quantizer.codebook.copy_(100 + 0.01 * torch.randn_like(saved))
+        expected_scores = separator(prior).step_scores(log_priors, mix_code)[1]
+        expected_codes = quantizer.quantise(latents.float())
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            scores = separator(prior).step_scores(log_priors, mix_code)[1]
+            codes = quantizer.quantise(latents)
+        assert codes.dtype == torch.float32 and torch.equal(codes, expected_codes)
+        assert torch.equal(scores, expected_scores)
+    finally:
+        quantizer.codebook.copy_(saved)
+
+
+def test_the_pair_grid_is_built_once(prior):
+    sep = separator(prior)
+    log_priors, mix_code = torch.randn(2, 2, 8).log_softmax(-1), torch.randn(2, 3)
+    first = sep.step_scores(log_priors, mix_code)[0]
+    second = sep.step_scores(log_priors, mix_code)[0]
+    assert first.data_ptr() == second.data_ptr()  # one K^2 grid for every step, not a new one (and copy) per step

@@ -152,3 +152,20 @@ def test_samplers_run_in_bf16_with_float32_chains():
         assert estimates.dtype == torch.float32 and torch.isfinite(estimates).all(), name
         assert (estimates - reference).abs().max() < 0.05 * reference.abs().max(), name
         assert sampler.nonfinite_steps == 0, name
+
+
+def test_fused_gate_has_the_second_derivatives_of_the_plain_formula():
+    torch.manual_seed(0)
+    y = torch.randn(2, 3, 8, 5, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(2, 3, 4, 5, dtype=torch.float64)
+
+    def plain(y):
+        a, b = y.chunk(2, dim=2)
+        return torch.tanh(a) * torch.sigmoid(b)
+
+    def gradient_penalty_grad(gate):
+        (grad,) = torch.autograd.grad((gate(y) * weight).sum(), y, create_graph=True)
+        return torch.autograd.grad(grad.pow(2).sum(), y)[0]
+
+    assert torch.allclose(gradient_penalty_grad(gated_tanh_sigmoid), gradient_penalty_grad(plain), atol=1e-12)
+    assert torch.autograd.gradgradcheck(gated_tanh_sigmoid, (y,))

@@ -181,3 +181,9 @@ def test_make_passes_user_values_as_single_arguments(tmp_path):
     calls = make_args(tmp_path, target="separate-toy", SOURCES="sine,flute")
     assert len(calls) == 3 and all("separation.sources=[sine,flute]" in call for call in calls)
     assert not list(tmp_path.rglob("INJECTED"))
+
+
+def test_fp16_for_grouped_priors_is_refused_before_anything_is_written(tmp_path, capsys):
+    code, err = run_cli(capsys, "train", *common(tmp_path), "preset=fp16")
+    assert code == 2 and "bf16" in err and "couples" in err
+    assert not tmp_path.joinpath("runs").exists()

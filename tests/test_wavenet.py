@@ -90,3 +90,11 @@ def test_cached_and_uncached_sampling_agree():
     assert cached.shape == (2, 2, 30)
     assert torch.allclose(cached, uncached, atol=1e-6)
     assert cached.abs().max() <= 1.0
+
+
+@pytest.mark.parametrize("likelihood", ["mulaw", "smoothed"])
+def test_a_float64_wavenet_samples_in_float64(likelihood):
+    net = tiny_wavenet(likelihood).double()
+    for cached in (True, False):
+        samples = net.sample(2, 5, cached=cached, generator=torch.Generator().manual_seed(0))
+        assert samples.dtype == torch.float64 and samples.shape == (2, 2, 5)

@@ -38,6 +38,7 @@ def lqvae_config(cfg):
 
 class LatentPrior(nn.Module):
     has_density_gradient = False  # log_prob is a probability of discrete codes: no gradient in x
+    discrete_likelihood = True  # ... and not a waveform density (no complexity-corrected score)
     likelihood_method = ("latent codes: log p_k(LQ-VAE codes of x) under source k's Transformer, nats per audio "
                          "sample (a discrete probability, not a waveform density)")
 

@@ -32,10 +32,12 @@ class VectorQuantizer(nn.Module):
         self.register_buffer("initialised", torch.zeros((), dtype=torch.bool))
 
     def nearest(self, h):
-        """Indices of the nearest codes: h [..., D] -> [...] (squared Euclidean distance)."""
+        """Indices of the nearest codes: h [..., D] -> [...] (squared Euclidean distance, in float32)."""
         flat = h.reshape(-1, self.code_dim).float()
         codebook = self.codebook.float()
-        distances = flat.pow(2).sum(1, keepdim=True) - 2 * flat @ codebook.t() + codebook.pow(2).sum(1)
+        # Autocast would run the product in half precision (bf16 keeps 8 significant bits): near ties would flip.
+        with torch.autocast(flat.device.type, enabled=False):
+            distances = flat.pow(2).sum(1, keepdim=True) - 2 * flat @ codebook.t() + codebook.pow(2).sum(1)
         return distances.argmin(dim=1).view(h.shape[:-1])
 
     def lookup(self, indices):
@@ -43,8 +45,9 @@ class VectorQuantizer(nn.Module):
         return self.codebook[indices]
 
     def quantise(self, h):
-        """B_Q without gradients or updates: h [B, D, S] -> nearest codes [B, D, S]."""
-        return self.lookup(self.nearest(h.transpose(1, 2))).transpose(1, 2).to(h.dtype)
+        """B_Q without gradients or updates: h [B, D, S] -> nearest codes [B, D, S], the codebook's own
+        float32 values (not rounded to a half-precision h's dtype: distances to them are taken next)."""
+        return self.lookup(self.nearest(h.transpose(1, 2))).transpose(1, 2)
 
     def forward(self, h, update=False):
         """h [B, D, S] -> (quantised with straight-through gradients [B, D, S], indices [B, S], commit loss).

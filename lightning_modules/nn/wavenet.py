@@ -72,6 +72,11 @@ class WaveNet(nn.Module):
         return self.cfg.likelihood != "mulaw"
 
     @property
+    def discrete_likelihood(self):
+        """Whether log_prob is a probability of discrete classes (mu-law), not a waveform density."""
+        return self.cfg.likelihood == "mulaw"
+
+    @property
     def smoothing_sigma(self):
         return self.cfg.smoothing_sigma or 2.0 / (self.cfg.n_classes - 1)
 
@@ -125,7 +130,7 @@ class WaveNet(nn.Module):
     def class_to_value(self, index, generator=None):
         if self.cfg.likelihood == "mulaw":
             return mu_law_decode(index, self.cfg.n_classes - 1).to(self.centres.dtype)
-        noise = torch.randn(index.shape, generator=generator, device=index.device)
+        noise = torch.randn(index.shape, generator=generator, device=index.device, dtype=self.centres.dtype)
         return self.centres[index] + self.component_sigma * noise
 
     def empty_caches(self, batch_size):
@@ -138,7 +143,8 @@ class WaveNet(nn.Module):
         """Ancestral sampling, [n, G, length]. ``cached=True`` keeps each layer's queue of past
         activations (O(T)); ``cached=False`` recomputes the whole past at every step (O(T^2))."""
         caches = self.empty_caches(n) if cached else None
-        previous = torch.zeros(n, self.n_priors, 1, device=self.centres.device)  # the shifted-in zero
+        # The shifted-in zero, in the model's dtype (a float64 model takes no float32 input).
+        previous = torch.zeros(n, self.n_priors, 1, device=self.centres.device, dtype=self.centres.dtype)
         history, samples = [], []
         for _ in range(length):
             if cached:
