@@ -177,7 +177,7 @@ class CrossLikelihoodConfig:
     latent_only: bool = False
     noise_seed: int = 0
     # Discrimination report: bits of the PCM the lossless coder (FLAC) codes, for the complexity-corrected
-    # score (8, 16 or 24; lightning_modules/coder_length.py).
+    # score (8, 16 or 24; lightning_modules/metrics/coder_length.py).
     coder_bit_depth: int = 16
 
 
@@ -210,7 +210,7 @@ class SeparationConfig:
     sgld_gamma: float = 0.01
     sgld_prior_sigma: float = 0.01  # the prior SGLD uses (0 = noiseless)
     selection_sigma: Optional[float] = None  # prior ranking the chains; None = the last level's (diffusion: smallest)
-    # diffusion (lightning_modules/diffusion.py); a likelihood family serves each sigma with its nearest finished level
+    # diffusion (lightning_modules/samplers/diffusion.py); a likelihood family serves each sigma with its nearest finished level
     diffusion_steps: int = 50  # noise levels of the Karras schedule, sigma_max -> sigma_min (then a last step to 0)
     diffusion_sigma_max: float = 5.0  # the first level; chains start as N(0, sigma_max^2)
     diffusion_sigma_min: float = 1e-3  # the last positive level
@@ -223,7 +223,7 @@ class SeparationConfig:
     diffusion_init: str = "noise"  # noise | mixture (start from the Average baseline plus noise)
     diffusion_langevin_steps: int = 0  # Langevin steps at sigma_min before the last step to 0
     diffusion_langevin_eta: float = 0.1  # their step size, in units of sigma_min^2
-    # latent (LQ-VAE family, lightning_modules/latent_separation.py): the exact per-step posterior over code tuples
+    # latent (LQ-VAE family, lightning_modules/samplers/latent_posterior.py): the exact per-step posterior over code tuples
     latent_sigma: float = 0.4  # std of the latent Gaussian likelihood (paper 002: 0.1; its code: 0.4)
     latent_likelihood: str = "gaussian"  # gaussian | delta (only tuples whose quantised sum is the mixture's code)
     latent_top_k: Optional[int] = 8  # > 2 sources: codes per source kept before the joint (2 sources: exact K^2)

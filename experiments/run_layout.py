@@ -13,22 +13,11 @@ import json
 import math
 from pathlib import Path
 
-import numpy as np
-
 from callbacks.atomic_checkpoint_io import read_checkpoint
 from datamodules.atomic_io import atomic_write_text
+from lightning_modules.samplers.noise_levels import basis_sigmas, canonical_sigma  # noqa: F401 (the layout's names)
 
 PAPER003_SIGMAS = (0.01, 0.027, 0.077, 0.129, 0.359)
-
-
-def canonical_sigma(sigma):
-    """Three significant digits, so 0.0774 and the BASIS grid's 0.07742... name the same run."""
-    return float(f"{sigma:.3g}")
-
-
-def basis_sigmas(levels=10, largest=1.0, smallest=0.01):
-    """Paper 004: L geometric levels from 1.0 down to 0.01, returned smallest first (fine-tuning order)."""
-    return [canonical_sigma(s) for s in np.geomspace(smallest, largest, levels)]
 
 
 def parse_sigma(value):

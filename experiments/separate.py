@@ -22,14 +22,15 @@ from experiments.config import ConfigError, to_dict
 from experiments.run_layout import (basis_sigmas, canonical_sigma, experiment_dir, finished_priors, is_done,
                                    load_prior, no_prior_error, prior_dir)
 from experiments.trainer_factory import run_test_loop
-from lightning_modules.langevin import LangevinSeparator, basis_levels, mixing_weights, sgld_levels
-from lightning_modules.level_score import LevelScore, log_distance
 from lightning_modules.nn.source_subset import SourceSubset
 from lightning_modules.prior_registry import is_noise_conditional
+from lightning_modules.samplers.level_score import LevelScore, log_distance
+from lightning_modules.samplers.mixing import mixing_weights
+from lightning_modules.samplers.registry import SAMPLERS
 from lightning_modules.separation import SeparationModule, selection_kind
 
 log = logging.getLogger(__name__)
-ALGORITHMS = ("basis", "sgld", "diffusion", "latent", "variational")
+ALGORITHMS = tuple(SAMPLERS)
 INITS = ("default", "variational")
 
 
@@ -45,32 +46,20 @@ def separation_sources(config):
 
 
 def check_algorithm(config):
+    """The sampler's registry entry (lightning_modules/samplers/registry.py), once its settings are consistent."""
     sep = config.separation
-    if sep.algorithm not in ALGORITHMS:
+    if sep.algorithm not in SAMPLERS:
         raise ConfigError(f"unknown separation.algorithm {sep.algorithm!r}; choose from {list(ALGORITHMS)}")
     if sep.init not in INITS:
         raise ConfigError(f"unknown separation.init {sep.init!r}; choose from {list(INITS)}")
-    if sep.init == "variational" and sep.algorithm in ("latent", "variational"):
-        raise ConfigError(f"separation.init=variational seeds basis, sgld or diffusion, not {sep.algorithm}")
-    if sep.init == "variational" and sep.algorithm == "diffusion" and sep.diffusion_init == "mixture":
-        raise ConfigError("separation.init=variational and diffusion_init=mixture both set the diffusion's start; "
-                          "choose one")
-
-
-def levels_for(config):
-    """The Langevin levels of BASIS or SGLD."""
-    sep = config.separation
-    if sep.algorithm == "basis":
-        return basis_levels(basis_sigmas(sep.levels, sep.sigma_max, sep.sigma_min)[::-1], sep.delta, sep.steps_per_level)
-    if sep.algorithm == "sgld":
-        return sgld_levels(sep.sgld_eta, sep.sgld_gamma, sep.sgld_steps, canonical_sigma(sep.sgld_prior_sigma))
-    raise ConfigError(f"separation.algorithm {sep.algorithm!r} has no Langevin levels")
-
-
-# Where each algorithm looks for its priors, its own grid first: BASIS anneals over the serial BASIS grid;
-# SGLD uses one level, which `make finetune-noise SIGMA=...` (the paper003 layout) writes; diffusion takes
-# every level, the BASIS grid's where both layouts have one (its levels are fine-tuned along a schedule too).
-GRID_PREFERENCE = {"basis": ("basis", "paper003"), "sgld": ("paper003", "basis"), "diffusion": ("basis", "paper003")}
+    entry = SAMPLERS[sep.algorithm]
+    if sep.init == "variational" and not entry.seedable:
+        seedable = ", ".join(name for name, e in SAMPLERS.items() if e.seedable)
+        raise ConfigError(f"separation.init=variational seeds {seedable}, not {sep.algorithm}")
+    conflict = entry.check(sep) if entry.check else None
+    if conflict:
+        raise ConfigError(conflict)
+    return entry
 
 
 def missing_prior_error(config, sigmas, grid, finished):
@@ -97,7 +86,8 @@ def resolve_priors(config, wanted):
     """Which finished prior ({"sigma", "grid", "dir"}) serves each wanted noise level, per
     separation.prior_levels. The last entry of ``wanted`` is the selection prior's level."""
     sep = config.separation
-    order = GRID_PREFERENCE[sep.algorithm]
+    entry = SAMPLERS[sep.algorithm]
+    order = entry.grids
     finished = finished_priors(config, order)
     if not finished:
         raise no_prior_error(config)
@@ -105,15 +95,15 @@ def resolve_priors(config, wanted):
         return [min(finished, key=lambda f: log_distance(f["sigma"], sigma)) for sigma in wanted]
     if sep.prior_levels != "exact":
         raise ConfigError(f"unknown separation.prior_levels {sep.prior_levels!r}; choose 'exact' or 'nearest'")
-    # BASIS levels come from the BASIS grid only; SGLD's level and the selection prior from either.
-    grids = [order[:1] if sep.algorithm == "basis" else order] * (len(wanted) - 1) + [order]
+    # A sampler's levels come from its exact_grids (BASIS: the BASIS grid only); the selection prior from any.
+    grids = [entry.exact_grids or order] * (len(wanted) - 1) + [order]
     used = []
     for sigma, allowed in zip(wanted, grids):
         match = [f for f in finished if f["sigma"] == sigma and f["grid"] in (*allowed, "noiseless")]
         used.append(match[0] if match else None)
     missing = sorted({s for s, u in zip(wanted, used) if u is None})
     if missing:
-        grid = "basis" if sep.algorithm == "basis" and any(u is None for u in used[:-1]) else "paper003"
+        grid = "basis" if entry.exact_grids == ("basis",) and any(u is None for u in used[:-1]) else "paper003"
         raise missing_prior_error(config, missing, grid, finished)
     return used
 
@@ -187,7 +177,7 @@ def diffusion_priors(config, load):
     are served by the nearest in log-sigma; the selection by the smallest sigma (or separation.selection_sigma's
     nearest)."""
     sep = config.separation
-    finished = finished_priors(config, GRID_PREFERENCE["diffusion"])
+    finished = finished_priors(config, SAMPLERS[sep.algorithm].grids)
     if not finished:
         raise no_prior_error(config)
     by_sigma = {}
@@ -205,25 +195,8 @@ def diffusion_priors(config, load):
     return score_model, load(selection["dir"]), record
 
 
-def make_sampler(config, score_model, alpha, levels):
-    sep = config.separation
-    if sep.algorithm != "diffusion":
-        return LangevinSeparator(score_model, levels, alpha, sep.init_range)
-    # Imported here: the Langevin algorithms do not need the diffusion sampler's module.
-    from lightning_modules.diffusion import DiffusionSeparator
-
-    return DiffusionSeparator(
-        score_model, alpha, sigma_max=sep.diffusion_sigma_max, sigma_min=sep.diffusion_sigma_min,
-        steps=sep.diffusion_steps, rho=sep.diffusion_rho, solver=sep.diffusion_solver, s_churn=sep.diffusion_churn,
-        constraint=sep.diffusion_constraint, gamma_scale=sep.diffusion_gamma_scale,
-        corrections=sep.diffusion_corrections, init=sep.diffusion_init, langevin_steps=sep.diffusion_langevin_steps,
-        langevin_eta=sep.diffusion_langevin_eta)
-
-
 def latent_separator(config, sources, alpha):
-    """(LatentSeparator over the run's LQ-VAE latent priors, its selection, record)."""
-    from lightning_modules.latent_separation import LatentSeparator
-
+    """(the sampler over the run's LQ-VAE latent priors, its selection, record)."""
     if config.model.name != "lqvae":
         raise ConfigError(f"separation.algorithm=latent needs the LQ-VAE family (model.name=lqvae, e.g. "
                           f"EXPERIMENT=toy_lqvae); {config.experiment} has {config.model.name!r}")
@@ -233,8 +206,7 @@ def latent_separator(config, sources, alpha):
     prior = load_prior(directory, list(config.data.sources), to_dict(config.model)).prior
     sep = config.separation
     indices = [list(config.data.sources).index(s) for s in sources]
-    separator = LatentSeparator(prior, indices, alpha, sep.length or config.data.eval_length, sep.latent_sigma,
-                                sep.latent_likelihood, sep.latent_top_k, sep.latent_rejection_alpha)
+    separator = SAMPLERS[sep.algorithm].build(prior, alpha, sep, indices, sep.length or config.data.eval_length)
     record = {"prior_dir_per_level": [str(directory)], "selection_prior_dir": str(directory),
               "latent": {"sigma": sep.latent_sigma, "likelihood": sep.latent_likelihood, "top_k": sep.latent_top_k,
                          "rejection_alpha": sep.latent_rejection_alpha}}
@@ -253,11 +225,9 @@ def variational_posterior(config, sources, alpha):
 
 
 def variational_separator(config, sources, alpha):
-    """(VariationalSeparator of the trained posterior, its selection prior, record)."""
-    from lightning_modules.variational_separation import VariationalSeparator
-
+    """(the sampler of the trained posterior, its selection prior, record)."""
     module, posterior = variational_posterior(config, sources, alpha)
-    separator = VariationalSeparator(module, module.prior)
+    separator = SAMPLERS[config.separation.algorithm].build(module, alpha, config.separation)
     record = {"prior_dir_per_level": [posterior["prior_dir"]], "selection_prior_dir": posterior["prior_dir"],
               "selection_prior_sigma": posterior["prior_sigma"], "posterior": posterior}
     return separator, module.prior, record
@@ -266,17 +236,17 @@ def variational_separator(config, sources, alpha):
 def build_separator(config):
     """(separator, selection prior, sources, record): the record says which prior directory serves each
     level and the selection, and which mixing is used (and why). The separation length is checked here."""
-    check_algorithm(config)
+    entry = check_algorithm(config)
     sep, sources = config.separation, separation_sources(config)
     alpha, mixing = resolve_mixing(config, len(sources))
-    if sep.algorithm in ("latent", "variational"):  # their own models, no noise levels
-        build = latent_separator if sep.algorithm == "latent" else variational_separator
+    if entry.needs != "score":  # their own models, no noise levels
+        build = {"latent": latent_separator, "posterior": variational_separator}[entry.needs]
         separator, selection, record = build(config, sources, alpha)
         return separator, selection, sources, record | {"mixing": mixing, "selection": selection_kind(selection)}
     if config.model.name == "lqvae":  # refused before looking for noise levels this family never has
         raise ConfigError(f"the LQ-VAE family's priors score discrete codes: no density gradient for "
                           f"{sep.algorithm}; separate with separation.algorithm=latent")
-    levels = levels_for(config) if sep.algorithm != "diffusion" else None
+    levels = entry.levels(sep) if entry.levels else None
     load = PriorLoader(config, sources)
     if is_noise_conditional(to_dict(config.model)):
         sigmas = [level.sigma for level in levels] if levels else [sep.diffusion_sigma_min]
@@ -286,9 +256,9 @@ def build_separator(config):
     else:
         score_model, selection, record = langevin_priors(config, load, levels)
     check_length(score_model, sep.length or config.data.eval_length)
-    separator = make_sampler(config, score_model, alpha, levels)
+    separator = entry.build(score_model, alpha, sep, levels)
     if sep.init == "variational":
-        from lightning_modules.variational_separation import VariationalInit
+        from lightning_modules.samplers.variational import VariationalInit
 
         module, record["init_posterior"] = variational_posterior(config, sources, alpha)
         separator.initializer = VariationalInit(module)

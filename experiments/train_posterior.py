@@ -25,8 +25,8 @@ from experiments.fitting import fit
 from experiments.run_layout import (canonical_sigma, experiment_dir, finished_priors, is_done, load_prior,
                                    no_prior_error, prior_dir)
 from experiments.train_lqvae import digest
-from lightning_modules.langevin import mixing_weights
-from lightning_modules.level_score import log_distance
+from lightning_modules.samplers.mixing import mixing_weights
+from lightning_modules.samplers.level_score import log_distance
 from lightning_modules.nn.source_subset import SourceSubset
 from lightning_modules.posterior_module import PosteriorModule
 from lightning_modules.prior_registry import is_noise_conditional

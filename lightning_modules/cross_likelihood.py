@@ -12,7 +12,7 @@ It is not a likelihood, only a second view of which prior explains which source.
 Per-crop values for the discrimination report (callbacks/discrimination.py) are kept too, gathered over ranks
 and ordered by example index: every prior's log-likelihood of every source's (noisy) crop, the pooled
 prior's (``pooled_priors``, one prior of the family trained on all sources; None where none was trained at
-that level) and the crop's length under a lossless coder (lightning_modules/coder_length.py), for a family
+that level) and the crop's length under a lossless coder (lightning_modules/metrics/coder_length.py), for a family
 whose log_prob is a density only (see DISCRETE_COMPLEXITY).
 """
 import math
@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from lightning_modules.coder_length import check_bit_depth, coder_length, describe
+from lightning_modules.metrics.coder_length import check_bit_depth, coder_length, describe
 
 INPUT_KINDS = ("constant 0", "constant 1", "gaussian std 0.5")
 # The complexity correction log p(x) + log(step) + L(x) turns a density into the probability of the 16-bit crop

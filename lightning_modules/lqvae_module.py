@@ -17,7 +17,7 @@ from lightning_modules.nn.lqvae import LQVAE
 from lightning_modules.nn.vector_quantizer import perplexity
 from lightning_modules.prior_module import restore_rng_states, save_rng_states
 from lightning_modules.prior_registry import resolve_model_config
-from lightning_modules.separation_metrics import si_sdr
+from lightning_modules.metrics.separation_metrics import si_sdr
 
 log = logging.getLogger(__name__)
 

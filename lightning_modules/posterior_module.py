@@ -19,7 +19,7 @@ import torch
 from lightning_modules.nn.elbo import elbo_terms, elbo_value
 from lightning_modules.nn.posterior_net import PosteriorNet, PosteriorNetConfig
 from lightning_modules.prior_module import any_rank, mix_seed, restore_rng_states, save_rng_states
-from lightning_modules.separation_metrics import si_sdr, si_sdr_of_mix
+from lightning_modules.metrics.separation_metrics import si_sdr, si_sdr_of_mix
 
 
 class PosteriorModule(pl.LightningModule):

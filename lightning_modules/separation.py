@@ -32,7 +32,7 @@ import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
 
-from lightning_modules.separation_metrics import average_baseline, bss_sdr, si_sdr, si_sdr_of_mix, windowed_si_sdri
+from lightning_modules.metrics.separation_metrics import average_baseline, bss_sdr, si_sdr, si_sdr_of_mix, windowed_si_sdri
 
 SEED_STRIDE = 1_000_003
 PROTOCOLS = ("full", "windowed")

@@ -83,7 +83,7 @@ def discrimination_of(prior, sources):
 def test_complexity_score_is_na_for_discrete_families_and_unchanged_for_densities():
     from callbacks.discrimination import crop_scores
     from callbacks.discrimination_report import summary_md
-    from lightning_modules.coder_length import coder_length, log_step
+    from lightning_modules.metrics.coder_length import coder_length, log_step
     from lightning_modules.nn.latent_prior import LatentPrior, LatentPriorConfig
     from tests.test_wavenet import tiny_wavenet
 

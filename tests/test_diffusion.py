@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from lightning_modules.diffusion import DiffusionSeparator, karras_sigmas
-from lightning_modules.langevin import mixing_weights
+from lightning_modules.samplers.diffusion import DiffusionSeparator, karras_sigmas
+from lightning_modules.samplers.mixing import mixing_weights
 from lightning_modules.nn.gaussian_prior import GaussianPrior
 
 MEANS, STDS = [0.2, -0.1, 0.0, 0.3], [0.1, 0.15, 0.2, 0.12]

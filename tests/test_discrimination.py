@@ -12,7 +12,7 @@ from callbacks.discrimination import argmax_accuracy, auroc, crop_scores, detect
 from callbacks.discrimination_report import write_report
 from datamodules.pooled_sources import PooledSources
 from datamodules.toy import ToyDataset
-from lightning_modules.coder_length import coder_length, log_step
+from lightning_modules.metrics.coder_length import coder_length, log_step
 
 
 def pair_count(positives, negatives):

@@ -5,7 +5,7 @@ import itertools
 import pytest
 import torch
 
-from lightning_modules.latent_separation import LatentSeparator, pair_sum_table
+from lightning_modules.samplers.latent_posterior import LatentSeparator, pair_sum_table
 from lightning_modules.nn.latent_prior import LatentPrior, LatentPriorConfig
 
 

@@ -23,7 +23,7 @@ from experiments.separate import build_separator, run_separation
 from experiments.separate_file import separate_file
 from experiments.train import finetune, train_noiseless
 from lightning_modules.separation import SEED_STRIDE
-from lightning_modules.separation_metrics import bss_sdr, windowed_si_sdri
+from lightning_modules.metrics.separation_metrics import bss_sdr, windowed_si_sdri
 from tests.conftest import TINY
 
 REPO = Path(__file__).resolve().parents[1]

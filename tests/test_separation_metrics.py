@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_modules.separation_metrics import (
+from lightning_modules.metrics.separation_metrics import (
     average_baseline, bss_sdr, si_sdr, si_sdr_of_mix, window_starts, windowed_si_sdri,
 )
 

@@ -131,9 +131,10 @@ def test_samplers_run_in_bf16_with_float32_chains():
     """bf16 inference for the samplers (PRESET=bf16 on a GPU; CPU autocast here takes the same path):
     the priors' networks run in bf16, the chains, the mixture term and the noise stay float32, and the
     estimates stay close to the float32 run with the same seeds."""
-    from lightning_modules.diffusion import DiffusionSeparator
-    from lightning_modules.langevin import LangevinSeparator, mixing_weights, sgld_levels
-    from lightning_modules.level_score import LevelScore
+    from lightning_modules.samplers.diffusion import DiffusionSeparator
+    from lightning_modules.samplers.langevin import LangevinSeparator, sgld_levels
+    from lightning_modules.samplers.mixing import mixing_weights
+    from lightning_modules.samplers.level_score import LevelScore
     from lightning_modules.nn.score_prior import ScoreConfig, ScorePrior
 
     torch.manual_seed(0)

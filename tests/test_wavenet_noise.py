@@ -7,8 +7,9 @@ from torch import nn
 
 from datamodules.toy_waveforms import toy_example
 from experiments.run_layout import basis_sigmas
-from lightning_modules.langevin import LangevinSeparator, basis_levels, mixing_weights
-from lightning_modules.level_score import LevelScore
+from lightning_modules.samplers.langevin import LangevinSeparator, basis_levels
+from lightning_modules.samplers.mixing import mixing_weights
+from lightning_modules.samplers.level_score import LevelScore
 from lightning_modules.nn.wavenet import WaveNet, WaveNetConfig
 from lightning_modules.prior_module import PriorModule
 

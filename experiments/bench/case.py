@@ -75,8 +75,13 @@ def prior_case(kind, config, batch_size, crop, steps, compiled=False):
 
 
 def langevin_case(config, chains, seconds, steps):
-    from lightning_modules.langevin import LangevinSeparator, mixing_weights, sgld_levels
-    from lightning_modules.level_score import LevelScore
+    try:
+        from lightning_modules.samplers.langevin import LangevinSeparator, sgld_levels
+        from lightning_modules.samplers.level_score import LevelScore
+        from lightning_modules.samplers.mixing import mixing_weights
+    except ModuleNotFoundError:  # a revision from before the samplers had their own package (bench-compare)
+        from lightning_modules.langevin import LangevinSeparator, mixing_weights, sgld_levels
+        from lightning_modules.level_score import LevelScore
 
     n_sources = len(config.data.sources)
     multiple = 16

@@ -18,8 +18,9 @@ import torch
 
 from experiments.bench.common import autocast, parse_options, pick_device, synchronize, write_bench
 from experiments.config import load_config, to_dict
-from lightning_modules.level_score import LevelScore
-from lightning_modules.langevin import LangevinSeparator, mixing_weights, sgld_levels
+from lightning_modules.samplers.level_score import LevelScore
+from lightning_modules.samplers.langevin import LangevinSeparator, sgld_levels
+from lightning_modules.samplers.mixing import mixing_weights
 from lightning_modules.prior_registry import build_prior
 
 MODEL_OVERRIDES = {"toy_wavenet": ["model.likelihood=smoothed"]}

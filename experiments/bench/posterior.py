@@ -23,7 +23,7 @@ from datamodules.registry import dataset_mixing
 from experiments.bench.common import synchronize, time_it
 from experiments.config import load_config, to_dict
 from experiments.train_posterior import NET_KEYS
-from lightning_modules.langevin import mixing_weights
+from lightning_modules.samplers.mixing import mixing_weights
 from lightning_modules.nn.source_subset import SourceSubset
 from lightning_modules.posterior_module import PosteriorModule
 from lightning_modules.prior_registry import build_prior

@@ -38,8 +38,8 @@ import torch
 from datamodules.atomic_io import atomic_write_text
 from experiments.bench.common import parse_options, pick_device, synchronize
 from experiments.config import ConfigError, load_config, to_dict
-from lightning_modules.diffusion import DiffusionSeparator
-from lightning_modules.langevin import mixing_weights
+from lightning_modules.samplers.diffusion import DiffusionSeparator
+from lightning_modules.samplers.mixing import mixing_weights
 from lightning_modules.prior_registry import build_prior, resolve_model_config
 
 # (key, schema default) of the separation settings the sampler reads; getattr keeps a missing key harmless.

@@ -45,7 +45,7 @@ import math
 import torch
 from torch import nn
 
-from lightning_modules.langevin import per_mixture_draws
+from lightning_modules.samplers.draws import per_mixture_draws
 
 SOLVERS = ("euler", "heun")
 CONSTRAINTS = ("dirac", "gaussian")

@@ -21,7 +21,7 @@ level i, so ``eta_i / gamma_i^2 = delta / sigma_L^2`` is the same at every level
 
 The prior term is ``score_model.score(x, sigma_i)``, the gradient of the total log-density of the
 prior at level i (for a likelihood prior in nats per sample, ``T * grad(mean)``: see
-lightning_modules/level_score.py). Both gradients are taken at the current x, as in a plain Langevin step.
+lightning_modules/samplers/level_score.py). Both gradients are taken at the current x, as in a plain Langevin step.
 """
 import math
 from dataclasses import dataclass
@@ -29,22 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-MIXINGS = ("mean", "sum")
-
-
-def mixing_weights(kind, n_sources, weights=None):
-    """alpha [N] for ``kind`` 'mean' or 'sum', or explicit ``weights`` (one per source)."""
-    if weights is not None:
-        alpha = torch.as_tensor(list(weights), dtype=torch.float32)
-        if alpha.shape != (n_sources,) or not torch.isfinite(alpha).all() or not (alpha != 0).all():
-            raise ValueError(f"mixing weights must be {n_sources} finite non-zero numbers, got {list(weights)}")
-        return alpha
-    if kind == "mean":
-        return torch.full((n_sources,), 1.0 / n_sources)
-    if kind == "sum":
-        return torch.ones(n_sources)
-    raise ValueError(f"unknown mixing {kind!r}; choose from {list(MIXINGS)} or give explicit weights")
-
+from lightning_modules.samplers.draws import per_mixture_draws
 
 @dataclass(frozen=True)
 class Level:
@@ -73,21 +58,10 @@ def sgld_levels(eta, gamma, steps, prior_sigma=0.0):
     return [Level(float(prior_sigma), float(eta), float(gamma), int(steps))]
 
 
-def per_mixture_draws(seeds, shape, device):
-    """``draw(torch.randn)`` -> [B * C, N, T]: each mixture's ``shape`` [C, N, T] from its own generator,
-    so a mixture's chains do not depend on which other mixtures share the batch or the DDP rank."""
-    generators = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
-
-    def draw(sampler):
-        return torch.cat([sampler(shape, generator=g, device=device) for g in generators])
-
-    return draw
-
-
 class LangevinSeparator(nn.Module):
     """Runs the levels in order, asking ``score_model.score(x, level.sigma)`` for the prior term.
 
-    ``score_model`` is any family behind the score contract (lightning_modules/level_score.py): a
+    ``score_model`` is any family behind the score contract (lightning_modules/samplers/level_score.py): a
     ``LevelScore`` of fine-tuned likelihood priors, an analytic prior, a noise-conditional score network.
     The trace's log-likelihood is the model's ``last_log_prob`` when it keeps one, else NaN.
 
