@@ -37,7 +37,7 @@ CLI = $(SPLIT) $(PY) -m experiments.cli
 COMMON = "experiment=$$EXPERIMENT" "preset=$$PRESET" "output_root=$$RUNS"
 
 .DEFAULT_GOAL := help
-.PHONY: help install lock check-install test test-slow train-toy-flow train-toy-wavenet train-toy-score train-toy-lqvae train-slakh-lqvae train-musdb-lqvae train-lqvae lqvae-ablation separate-slakh-pairs train-posterior train-pooled separate-variational train-musdb-score train-slakh-score train-musdb-flow train-musdb-wavenet train-slakh-flow compare-toy compare-musdb train finetune-noise finetune-noise-all cross-likelihood separate-toy separation-table separate bench bench-compare show-config
+.PHONY: help install lock check-install test test-slow train-toy-flow train-toy-wavenet train-toy-score train-toy-lqvae train-slakh-lqvae train-musdb-lqvae train-lqvae lqvae-ablation separate-slakh-pairs train-posterior train-pooled separate-variational train-musdb-score train-slakh-score train-musdb-flow train-musdb-wavenet train-slakh-flow compare-toy compare-musdb train finetune-noise finetune-noise-all cross-likelihood separate-toy separation-table separate bench bench-compare gpu-check show-config
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-20s %s\n", $$1, $$2}'
@@ -160,6 +160,9 @@ bench: ## Prior throughput, Langevin steps/s + memory, data loading x real time,
 
 bench-compare: ## This tree against a git revision side by side: make bench-compare AGAINST=<rev> [ARGS="cases=toy_flow:default:train rounds=3"] ($(RUNS)/bench_compare.json)
 	$(SPLIT) $(PY) -m experiments.bench.compare "against=$$AGAINST" "output=$$RUNS/bench_compare.json" "$${args[@]}"
+
+gpu-check: ## One prepared run on a GPU: paper presets (bf16, DDP, fp32 ratio), likelihoods, every sampler, compile ($(RUNS)/gpu_check/report.{json,md}); ARGS="tiny=1" on CPU
+	$(SPLIT) $(PY) -m experiments.bench.gpu_check "output=$$RUNS/gpu_check" "$${args[@]}"
 
 show-config: ## Print the resolved configuration of EXPERIMENT with PRESET and ARGS
 	$(CLI) show-config $(COMMON) "$${args[@]}"

@@ -6,7 +6,7 @@ Scores of a crop x under prior k, nats per sample, higher = more typical of sour
 
     raw          log p_k(x)
     complexity   log p_k(x) + log(step) + L(x)     Serra et al. (ICLR 2020): -S(x), with L(x) the crop's FLAC
-                                                   length and step its quantisation (lightning_modules/coder_length.py);
+                                                   length and step its quantisation (lightning_modules/metrics/coder_length.py);
                                                    for densities only: n/a for a discrete family (mu-law WaveNet,
                                                    LQ-VAE codes), per_crop["complexity_unavailable"] says why
     ratio        log p_k(x) - log p_pooled(x)      Ren et al. (2019): against the same family trained on every

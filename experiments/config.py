@@ -109,7 +109,7 @@ class TrainerConfig:
     checkpoint_every_n_steps: int = 500
     max_time: Optional[str] = None
     enable_progress_bar: bool = True
-    # PRESET=compile: the prior's training objective through torch.compile (README "Speed" says where it pays)
+    # PRESET=compile: the prior's training objective through torch.compile (docs/speed.md says where it pays)
     compile: bool = False
 
 

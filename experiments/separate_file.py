@@ -47,7 +47,7 @@ def separate_file(config, mix_path, out_dir, force=False):
         seeds = [sep.seed * SEED_STRIDE + start + i for i in range(batch.shape[0])]
         samples, trace = separator(batch, sep.n_chains, seeds)  # [b, C, N, L]
         mean = trace.get("point_estimates", {}).get("mean")
-        if mean is not None:  # the variational posterior's mean beats any one of its samples (README)
+        if mean is not None:  # the variational posterior's mean beats any one of its samples (docs/variational.md)
             estimates.append(mean)
             continue
         scores = selection_scores(selection_prior, samples.flatten(0, 1)).mean(dim=1).view(batch.shape[0], -1)

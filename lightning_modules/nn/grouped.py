@@ -1,6 +1,6 @@
 """Grouped 1-d convolution over a ``[B, G, C, T]`` tensor: G independent convolutions in one call.
 
-How it runs is chosen per device by measuring whole models (``make bench-compare``, README "Speed"),
+How it runs is chosen per device by measuring whole models (``make bench-compare``, docs/speed.md),
 not single layers, whose timings did not carry over to the model:
 
 * CPU, kernel 1: one batched matmul ``bias + W[G] @ x[B, G]`` (MKL ``baddbmm``, the bias added inside
