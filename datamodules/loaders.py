@@ -11,6 +11,7 @@ from datamodules.sharded_sampler import ShardedEvalSampler
 class SplitDataModule(pl.LightningDataModule):
     batch_size = eval_batch_size = 1
     num_workers = seed = 0
+    test_split = "test"  # "val": the test loop runs on the validation split (choosing settings, never the test set)
 
     def dataset(self, split):
         raise NotImplementedError
@@ -31,4 +32,4 @@ class SplitDataModule(pl.LightningDataModule):
         return self.eval_dataloader("val")
 
     def test_dataloader(self):
-        return self.eval_dataloader("test")
+        return self.eval_dataloader(self.test_split)

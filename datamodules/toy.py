@@ -28,8 +28,9 @@ class ToyDataset(Dataset):
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; choose from {list(SPLITS)}")
         check_source_names(list(sources))
-        if not 0 <= size <= SPLIT_MAX_SIZE:
-            raise ValueError(f"a toy split holds 0 to {SPLIT_MAX_SIZE} examples, got {size}")
+        if size is None or not 0 <= size <= SPLIT_MAX_SIZE:
+            raise ValueError(f"a toy split holds 0 to {SPLIT_MAX_SIZE} examples, got {size} (data.n_val/n_test=null "
+                             f"means every frame for musdb18 and slakh2100 only)")
         self.split, self.size, self.sources = split, size, list(sources)
         self.length, self.sample_rate, self.seed = length, sample_rate, seed
 

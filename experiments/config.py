@@ -29,7 +29,7 @@ class DataConfig:
     eval_batch_size: int = 16
     n_train: int = 5000
     n_val: int = 500
-    n_test: int = 1500  # musdb18 / slakh2100: at most this many evaluation frames (n_val likewise)
+    n_test: Optional[int] = 1500  # musdb18 / slakh2100: at most this many evaluation frames, None = all (n_val likewise)
     num_workers: int = 0
     # musdb18 and slakh2100 only (datamodules/musdb18.py, slakh2100.py):
     root: Optional[str] = None  # None = $MUSDB_ROOT or $SLAKH_ROOT
@@ -56,6 +56,11 @@ class ModelConfig:
     likelihood: Optional[str] = None
     smoothing_sigma: Optional[float] = None
     # score (ScoreConfig in lightning_modules/nn/score_prior.py):
+    net: Optional[str] = None  # dilated | unet
+    unet_widths: Optional[List[int]] = None
+    unet_factors: Optional[List[int]] = None
+    unet_blocks: Optional[int] = None
+    unet_attention_levels: Optional[int] = None
     squeeze: Optional[int] = None
     dilation_cycle: Optional[int] = None
     embed_dim: Optional[int] = None
@@ -75,7 +80,7 @@ class ModelConfig:
     strides: Optional[List[int]] = None
     res_depth: Optional[int] = None
     dilation_growth: Optional[int] = None
-    ema_decay: Optional[float] = None
+    ema_decay: Optional[float] = None  # lqvae: the codebook's EMA; score: the EMA of the weights
     restart_threshold: Optional[float] = None
     beta: Optional[float] = None
     lin_weight: Optional[float] = None
@@ -189,6 +194,7 @@ class SeparationConfig:
     name: Optional[str] = None  # output folder under separation/; None = <algorithm>_<sources>
     sources: Optional[List[str]] = None  # the sources to separate, a subset of data.sources; None = all
     n_test: Optional[int] = 16  # the first n test mixtures (a fixed subset); None = the whole test set
+    split: str = "test"  # test | val: separate the first n_test validation mixtures instead (to choose settings)
     length: Optional[int] = None  # samples per mixture (and per chunk of a user file); None = data.eval_length
     batch_size: int = 1  # mixtures per test batch
     n_chains: int = 4  # posterior samples per mixture, run in parallel

@@ -12,7 +12,9 @@ import pytorch_lightning as pl
 from pytorch_lightning.callbacks import ModelCheckpoint
 
 from callbacks.atomic_checkpoint_io import read_checkpoint
+from callbacks.denoiser_quality import DenoiserQualityReport
 from callbacks.per_prior_early_stopping import PerPriorEarlyStopping
+from callbacks.weight_ema import WeightEMA
 from datamodules.pooled_sources import POOLED_SOURCE, PooledDataModule
 from datamodules.registry import build_datamodule
 from experiments.config import save_config, to_dict
@@ -72,6 +74,11 @@ def fit(config, run_dir, module, max_steps, val_check_interval, job_type, early_
     stopper = PerPriorEarlyStopping(list(module.sources), config.finetune.patience) if early_stopping else None
     if stopper:
         callbacks.append(stopper)
+    ema_decay = getattr(getattr(module, "prior", None), "weight_ema_decay", None)
+    if ema_decay:
+        callbacks.append(WeightEMA(ema_decay))
+    if hasattr(getattr(module, "prior", None), "denoise"):  # after the EMA: it reports the averaged weights
+        callbacks.append(DenoiserQualityReport(module.sources, run_dir))
     trainer = build_trainer(config, run_dir, job_type, callbacks, max_steps, val_check_interval)
     if config.trainer.compile:
         compile_prior(module)

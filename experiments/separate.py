@@ -272,7 +272,8 @@ def check_length(score_model, length):
 
 
 def output_name(config, sources):
-    return config.separation.name or f"{config.separation.algorithm}_{'-'.join(sources)}"
+    suffix = "_val" if config.separation.split == "val" else ""
+    return config.separation.name or f"{config.separation.algorithm}_{'-'.join(sources)}{suffix}"
 
 
 def run_separation(config):
@@ -284,7 +285,11 @@ def run_separation(config):
     if mixing["kind"] != dataset_mixing(config.data.name):
         log.warning("the %s test mixtures are the %s of their sources; separating them as %s (%s)",
                     config.data.name, dataset_mixing(config.data.name), mixing["kind"], mixing["from"])
+    if sep.split not in ("test", "val"):
+        raise ConfigError(f"separation.split must be 'test' or 'val', got {sep.split!r}")
     data = OmegaConf.merge(config.data, {"sources": sources, "eval_length": length, "eval_batch_size": sep.batch_size})
+    if sep.split == "val" and sep.n_test is not None:
+        data.n_val = sep.n_test  # the first n_test validation mixtures, as n_test caps the test set
     out_dir = experiment_dir(config) / "separation" / output_name(config, sources)
     rate = config.data.sample_rate
     module = SeparationModule(separator, sources, sep.algorithm, sep.n_chains, selection_prior, seed=sep.seed,
@@ -293,6 +298,7 @@ def run_separation(config):
                               silence_threshold=config.data.silence_threshold, mixing=mixing)
     report = SeparationReport(out_dir, rate, to_dict(config) | record, sep.write_wavs, sep.n_audio_examples)
     datamodule = build_datamodule(data, seed=config.seed, n_test=sep.n_test, output_root=config.output_root)
+    datamodule.test_split = sep.split
     datamodule.setup("test")  # a bad dataset root stops here, before anything is written
     results = run_test_loop(config, module, datamodule, out_dir, "separation", [report])
     log.info("separation written to %s", out_dir)

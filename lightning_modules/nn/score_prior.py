@@ -20,20 +20,24 @@ sigma_data [N] is measured per source from the training data before the first st
 and saved with the weights.
 """
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import List, Optional
 
 import torch
 from torch import nn
 
 from lightning_modules.nn import edm_preconditioning as edm
 from lightning_modules.nn.denoiser_net import DenoiserNet
+from lightning_modules.nn.unet_denoiser import UNetDenoiser
 
 SIGMA_SAMPLINGS = ("loguniform", "lognormal")
+NETS = ("dilated", "unet")
 SELECTION_SIGMAS = (0.01, 0.03, 0.1, 0.3, 1.0)
 
 
 @dataclass
 class ScoreConfig:
+    net: str = "dilated"  # dilated (denoiser_net.py) | unet (unet_denoiser.py, ISDM's shape)
     width: int = 32
     n_layers: int = 10
     kernel_size: int = 3
@@ -48,6 +52,12 @@ class ScoreConfig:
     ode_divergence: str = "auto"  # exact (short crops) | hutchinson | auto
     ode_tolerance: float = 1e-3  # rtol = atol of the adaptive RK45 solver
     ode_probes: int = 1  # Rademacher probes of the Hutchinson estimate
+    # net=unet: one width per level plus the bottleneck's; squeeze is its patch size
+    unet_widths: List[int] = field(default_factory=lambda: [32, 64, 96])
+    unet_factors: List[int] = field(default_factory=lambda: [4, 4])
+    unet_blocks: int = 2
+    unet_attention_levels: int = 1  # the lowest levels with self-attention (and the bottleneck when > 0)
+    ema_decay: Optional[float] = None  # EMA of the weights per optimizer step (validation, likelihood, separation)
 
 
 class ScorePrior(nn.Module):
@@ -61,12 +71,26 @@ class ScorePrior(nn.Module):
             raise ValueError(f"score priors need 0 < sigma_min < sigma_max, got {cfg.sigma_min}, {cfg.sigma_max}")
         if cfg.sigma_sampling not in SIGMA_SAMPLINGS:
             raise ValueError(f"unknown sigma_sampling {cfg.sigma_sampling!r}; choose from {list(SIGMA_SAMPLINGS)}")
+        if cfg.net not in NETS:
+            raise ValueError(f"unknown model.net {cfg.net!r}; choose from {list(NETS)}")
+        if cfg.ema_decay is not None and not 0 < cfg.ema_decay < 1:
+            raise ValueError(f"model.ema_decay must be in (0, 1) (or null for no EMA), got {cfg.ema_decay}")
         self.cfg, self.n_sources = cfg, n_sources
-        self.length_multiple = cfg.squeeze
-        self.net = DenoiserNet(n_sources, cfg.width, cfg.n_layers, cfg.kernel_size, cfg.squeeze,
-                               cfg.dilation_cycle, cfg.embed_dim)
+        if cfg.net == "unet":
+            self.net = UNetDenoiser(n_sources, cfg.unet_widths, cfg.unet_factors, cfg.squeeze, cfg.unet_blocks,
+                                    cfg.unet_attention_levels, cfg.embed_dim)
+            self.length_multiple = self.net.length_multiple
+        else:
+            self.net = DenoiserNet(n_sources, cfg.width, cfg.n_layers, cfg.kernel_size, cfg.squeeze,
+                                   cfg.dilation_cycle, cfg.embed_dim)
+            self.length_multiple = cfg.squeeze
         self.register_buffer("sigma_data", torch.full((n_sources,), 0.5))
         self.register_buffer("sigma_data_measured", torch.zeros((), dtype=torch.bool))
+
+    @property
+    def weight_ema_decay(self):
+        """The decay of the EMA of the weights that training keeps (fitting.py), or None."""
+        return self.cfg.ema_decay
 
     def set_sigma_data(self, sigma_data):
         self.sigma_data.copy_(torch.as_tensor(sigma_data, dtype=torch.float32).clamp(min=1e-3))

@@ -39,13 +39,21 @@ c / sigma^2 with c = 1 + sum_{k<N-1} (alpha_k / alpha_{N-1})^2 (N for equal weig
 has c = 1 + |alpha|^2 / gamma_scale^2. An Euler or Heun step multiplies that direction by about
 1 - c (1 - sigma_{i+1} / sigma_hat), so it is stable only if sigma_{i+1} / sigma_hat > 1 - 2 / c
 (> 1/2 for four equal weights): use enough steps, more with churn.
+
+Trained range. No sigma asked of the score model exceeds the largest it was trained at
+(``largest_trained_sigma``): sigma_max is capped there, with a warning, and churn never raises sigma_hat
+above it.
 """
+import logging
 import math
 
 import torch
 from torch import nn
 
 from lightning_modules.samplers.draws import per_mixture_draws
+from lightning_modules.samplers.level_score import LevelScore
+
+log = logging.getLogger(__name__)
 
 SOLVERS = ("euler", "heun")
 CONSTRAINTS = ("dirac", "gaussian")
@@ -60,6 +68,19 @@ def karras_sigmas(sigma_max, sigma_min, steps, rho=7.0):
     sigmas = [(top + i / (steps - 1) * (bottom - top)) ** rho for i in range(steps)]
     sigmas[0], sigmas[-1] = float(sigma_max), float(sigma_min)  # exact ends despite the rounding
     return sigmas
+
+
+def largest_trained_sigma(score_model):
+    """(sigma, what it is) for the largest sigma ``score_model`` knows, or (None, None) when it has no limit
+    (an analytic prior): a LevelScore's top fine-tuned level, or a noise-conditional score prior's trained
+    sigma_max, also through wrappers that keep the prior as ``.prior`` (SourceSubset)."""
+    if isinstance(score_model, LevelScore):
+        return max(score_model.sigmas), "the top fine-tuned level"
+    while score_model is not None:
+        if getattr(score_model, "noise_conditional", False) and hasattr(score_model, "cfg"):
+            return float(score_model.cfg.sigma_max), "the score prior's trained sigma_max"
+        score_model = getattr(score_model, "prior", None)
+    return None, None
 
 
 class DiffusionSeparator(nn.Module):
@@ -90,6 +111,7 @@ class DiffusionSeparator(nn.Module):
         self.register_buffer("alpha", torch.as_tensor(alpha, dtype=torch.float32))
         if len(self.alpha) < 2 or not (self.alpha != 0).all():
             raise ValueError(f"need at least two non-zero mixing weights, got {self.alpha.tolist()}")
+        self.sigma_cap, sigma_max = self._cap(score_model, sigma_max, sigma_min)
         self.sigmas = karras_sigmas(sigma_max, sigma_min, steps, rho) + [0.0]
         self.solver, self.constraint, self.init = solver, constraint, init
         self.s_churn, self.s_tmin, self.s_tmax, self.s_noise = s_churn, s_tmin, s_tmax, s_noise
@@ -97,6 +119,30 @@ class DiffusionSeparator(nn.Module):
         self.langevin_steps, self.langevin_eta = int(langevin_steps), langevin_eta
         self.initializer = None  # (mix, n_chains, seeds) -> [B * C, N, T] added to the first noise (separation.init)
         self.nonfinite_steps = 0
+        cap = math.inf if self.sigma_cap is None else self.sigma_cap
+        self.churn_capped_levels = sum(s * (1 + self._churn(s)) > cap for s in self.sigmas[:-1])
+        if self.churn_capped_levels:
+            log.info("EDM churn capped at sigma %g on %d of %d levels", cap, self.churn_capped_levels,
+                     len(self.sigmas) - 1)
+
+    @staticmethod
+    def _cap(score_model, sigma_max, sigma_min):
+        """(the cap on every sigma asked of the score model or None, the schedule's sigma_max).
+
+        Capped, not just warned: above its top level a LevelScore serves every sigma with that level's
+        prior (default sigma_max 5 against a top level of 1), whose score is far too steep for the chains
+        there, and a score network was never trained above its sigma_max. The capped schedule is what the
+        summary's step_sigmas record."""
+        cap, what = largest_trained_sigma(score_model)
+        if cap is None or sigma_max <= cap:
+            return cap, sigma_max
+        if cap <= sigma_min:  # no schedule fits (e.g. only the noiseless level): run it as asked, but say so
+            log.warning("diffusion sigma_max=%g and sigma_min=%g are both above %s (%g): the whole schedule is "
+                        "served from outside the trained range", sigma_max, sigma_min, what, cap)
+            return None, sigma_max
+        log.warning("diffusion sigma_max=%g is above %s (%g): the schedule starts at %g instead",
+                    sigma_max, what, cap, cap)
+        return cap, cap
 
     @property
     def trace_sigmas(self):
@@ -172,7 +218,9 @@ class DiffusionSeparator(nn.Module):
         def ode_step(x, sigma, sigma_next):
             churn = self._churn(sigma)
             sigma_hat = sigma * (1 + churn)
-            if churn > 0:
+            if self.sigma_cap is not None:  # churn must not leave the trained range (EDM's churn ignores it)
+                sigma_hat = min(sigma_hat, max(sigma, self.sigma_cap))
+            if sigma_hat > sigma:
                 x = project(x + math.sqrt(sigma_hat**2 - sigma**2) * self.s_noise * noise() * free)
             score, _ = posterior_score(x, sigma_hat)
             slope = -sigma_hat * score  # dx/dsigma = -sigma * score
