@@ -8,7 +8,10 @@ five levels by default, and adds the denoising-loss matrix at DENOISING_SIGMAS (
 import dataclasses
 import logging
 
+import torch
+
 from callbacks.cross_likelihood_callback import CrossLikelihoodReport
+from callbacks.denoiser_quality import N_CROPS, write_quality
 from datamodules.pooled_sources import POOLED_SOURCE
 from datamodules.registry import build_datamodule
 from experiments.config import ConfigError, to_dict
@@ -17,6 +20,7 @@ from experiments.run_layout import (PAPER003_SIGMAS, canonical_sigma, check_comp
                                     load_prior, prior_dir)
 from experiments.trainer_factory import run_test_loop
 from lightning_modules.cross_likelihood import CrossLikelihoodModule
+from lightning_modules.metrics.denoiser_quality import denoiser_quality
 from lightning_modules.nn.noise_level_view import NoiseLevelView, ode_method
 from lightning_modules.prior_registry import is_noise_conditional
 
@@ -126,5 +130,17 @@ def run_cross_likelihood(config):
     datamodule = build_datamodule(config.data, seed=config.seed, n_test=cl.n_test, output_root=config.output_root)
     datamodule.setup("test")  # a bad dataset root stops here, before anything is written
     results = run_test_loop(config, module, datamodule, out_dir, "cross_likelihood", [report])
+    if is_noise_conditional(model):
+        write_denoiser_quality(config, prior, datamodule, out_dir)
     log.info("cross-likelihood written to %s", out_dir)
     return results, out_dir
+
+
+def write_denoiser_quality(config, prior, datamodule, out_dir):
+    """The denoiser-quality report (as training writes it) on the first validation crops, beside the matrices."""
+    datamodule.setup("validate")
+    crops = next(iter(datamodule.val_dataloader()))["sources"][:N_CROPS]
+    with torch.autocast(crops.device.type, enabled=False):
+        report = {"sources": list(config.data.sources), "n_crops": int(crops.shape[0]),
+                  **denoiser_quality(prior, crops)}
+    write_quality(out_dir, report)

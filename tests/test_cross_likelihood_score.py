@@ -171,3 +171,6 @@ def test_make_cross_likelihood_runs_on_a_tiny_score_run(tmp_path):
     assert "## Denoising loss (not a likelihood)" in md
     for name in ("cross_likelihood.csv", "matrices.png", "noise_grid.png", "denoising_loss.png"):
         assert (out / name).is_file(), name
+    quality = json.loads((out / "denoiser_quality.json").read_text())
+    assert quality["sigmas"] == [0.01, 0.03, 0.1, 0.3, 1.0] and len(quality["noise_left"][2]) == 4
+    assert "(linear)" in (out / "denoiser_quality.md").read_text()
