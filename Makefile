@@ -37,7 +37,7 @@ CLI = $(SPLIT) $(PY) -m experiments.cli
 COMMON = "experiment=$$EXPERIMENT" "preset=$$PRESET" "output_root=$$RUNS"
 
 .DEFAULT_GOAL := help
-.PHONY: help install lock check-install test test-slow train-toy-flow train-toy-wavenet train-toy-score train-toy-lqvae train-slakh-lqvae train-musdb-lqvae train-lqvae lqvae-ablation separate-slakh-pairs train-posterior train-pooled separate-variational train-musdb-score train-slakh-score train-musdb-flow train-musdb-wavenet train-slakh-flow compare-toy compare-musdb train finetune-noise finetune-noise-all cross-likelihood separate-toy separation-table separate bench bench-compare gpu-check show-config
+.PHONY: help install lock check-install test test-slow train-toy-flow train-toy-wavenet train-toy-score train-toy-lqvae train-slakh-lqvae train-musdb-lqvae train-lqvae lqvae-ablation separate-slakh-pairs train-posterior train-pooled separate-variational train-musdb-score train-slakh-score train-musdb-flow train-musdb-wavenet train-slakh-flow compare-toy compare-musdb train finetune-noise finetune-noise-all cross-likelihood separate-toy tune-sampler separation-table separate bench bench-compare gpu-check show-config
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-20s %s\n", $$1, $$2}'
@@ -144,6 +144,9 @@ separate-toy: ## Separate test mixtures with the experiment's algorithm (BASIS b
 	$(CLI) train $(COMMON) $(SEPARATION_SOURCES) "$${args[@]}"
 	$(CLI) finetune-all $(COMMON) finetune.grid=basis $(SEPARATION_SOURCES) "$${args[@]}"
 	$(CLI) separate $(COMMON) $(SEPARATION_SOURCES) "$${args[@]}"
+
+tune-sampler: ## Choose the diffusion sampler's settings on 32 validation mixtures per set (never the test set): <run>/sampler_search/search.{json,md}
+	$(SPLIT) $(PY) -m experiments.tune_sampler "experiment=$$EXPERIMENT" "preset=$$PRESET" "output_root=$$RUNS" "$${args[@]}"
 
 separation-table: ## League table: every trained family and sampler on the first 32 toy test mixtures (CSV/MD/PNG)
 	$(SPLIT) $(PY) -m experiments.separation_table "preset=$$PRESET" "output_root=$$RUNS" "$${args[@]}"
