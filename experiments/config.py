@@ -226,6 +226,8 @@ class SeparationConfig:
     diffusion_constraint: str = "dirac"  # dirac: g(x) = m exactly | gaussian: m ~ N(g(x), gamma^2)
     diffusion_gamma_scale: float = 1.0  # gaussian constraint: gamma = gamma_scale * sigma
     diffusion_corrections: int = 0  # ISDM correction steps per level (re-noise and redo)
+    # dirac: the score of the last (derived) source at sigma (same, ISDM) or at its own noise level (scaled)
+    diffusion_dirac_last_sigma: str = "same"
     diffusion_init: str = "noise"  # noise | mixture (start from the Average baseline plus noise)
     diffusion_langevin_steps: int = 0  # Langevin steps at sigma_min before the last step to 0
     diffusion_langevin_eta: float = 0.1  # their step size, in units of sigma_min^2

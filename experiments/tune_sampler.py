@@ -39,6 +39,9 @@ CANDIDATES = {
     "init-mixture": ["separation.diffusion_init=mixture"],
     "isdm-gaussian": ISDM + ["separation.diffusion_constraint=gaussian"],
     "isdm-heun-50": ISDM + ["separation.diffusion_solver=heun", "separation.diffusion_steps=50"],
+    "dirac-scaled": ["separation.diffusion_constraint=dirac", "separation.diffusion_dirac_last_sigma=scaled"],
+    "isdm-scaled": ISDM + ["separation.diffusion_dirac_last_sigma=scaled"],
+    "isdm-sigma-max-3": ISDM + ["separation.diffusion_sigma_max=3.0"],
 }
 SETS = {"all": None, "sine-square": "sine,square"}
 

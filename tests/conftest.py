@@ -27,7 +27,8 @@ TINY_WAVENET = [o for o in TINY if not o.startswith("model.")] + [
 ]
 
 TINY_SCORE = [o for o in TINY if not o.startswith("model.")] + [
-    "model.name=score", "model.n_layers=3", "model.width=8", "model.embed_dim=16", "model.squeeze=4",
+    "model.name=score", "model.net=dilated", "model.n_layers=3", "model.width=8", "model.embed_dim=16",
+    "model.squeeze=4", "model.ema_decay=null",
 ]
 
 TINY_LQVAE = [o for o in TINY if not o.startswith("model.")] + [

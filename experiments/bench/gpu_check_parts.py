@@ -21,7 +21,8 @@ from lightning_modules.prior_registry import build_prior
 TINY = {
     "toy_flow": ["model.n_blocks=1", "model.n_flows=2", "model.n_layers=2", "model.width=8"],
     "toy_wavenet": ["model.n_blocks=1", "model.n_layers=3", "model.width=8", "model.n_classes=32"],
-    "toy_score": ["model.n_layers=2", "model.width=8", "model.embed_dim=16", "model.squeeze=4"],
+    "toy_score": ["model.unet_widths=[8,16,16]", "model.unet_factors=[4,2]", "model.unet_blocks=1",
+                  "model.embed_dim=16", "model.squeeze=4"],
     "toy_lqvae": ["model.vq_width=8", "model.res_depth=1", "model.strides=[4,4]", "model.codebook_size=16",
                   "model.code_dim=8", "model.fft_sizes=[64]", "model.width=16", "model.n_layers=1",
                   "model.n_heads=2", "model.context=16", "lqvae.crop_length=512", "lqvae.batch_size=2"],

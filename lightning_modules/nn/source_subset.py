@@ -47,10 +47,16 @@ class SourceSubset(nn.Module):
             raise AttributeError(f"{type(self.prior).__name__} has no {name}")
         return method
 
+    def full_sigma(self, sigma):
+        """A per-source sigma [B, n_kept] -> [B, n_total] (the other sources' entries are never read)."""
+        if self.is_all or not torch.is_tensor(sigma) or sigma.dim() < 2:
+            return sigma
+        return sigma[:, :1].expand(-1, self.n_total).clone().index_copy(1, self.indices, sigma)
+
     @property
     def score(self):
         method = self.wrapped("score")
-        return lambda x, sigma: self.kept(method(self.full(x), sigma))
+        return lambda x, sigma: self.kept(method(self.full(x), self.full_sigma(sigma)))
 
     @property
     def denoise(self):

@@ -57,6 +57,7 @@ log = logging.getLogger(__name__)
 
 SOLVERS = ("euler", "heun")
 CONSTRAINTS = ("dirac", "gaussian")
+LAST_SIGMAS = ("same", "scaled")
 INITS = ("noise", "mixture")
 
 
@@ -93,8 +94,13 @@ class DiffusionSeparator(nn.Module):
     def __init__(self, score_model, alpha, sigma_max=1.0, sigma_min=1e-4, steps=150, rho=7.0,
                  solver="heun", s_churn=0.0, s_tmin=0.0, s_tmax=math.inf, s_noise=1.0,
                  constraint="dirac", gamma_scale=1.0, corrections=0, init="noise",
-                 langevin_steps=0, langevin_eta=0.1):
+                 langevin_steps=0, langevin_eta=0.1, dirac_last_sigma="same"):
         super().__init__()
+        if dirac_last_sigma not in LAST_SIGMAS:
+            raise ValueError(f"unknown dirac_last_sigma {dirac_last_sigma!r}; choose from {list(LAST_SIGMAS)}")
+        if dirac_last_sigma == "scaled" and not getattr(score_model, "noise_conditional", False):
+            raise ValueError("diffusion_dirac_last_sigma=scaled needs a noise-conditional score prior (one score per "
+                             "source at its own sigma)")
         if solver not in SOLVERS:
             raise ValueError(f"unknown solver {solver!r}; choose from {list(SOLVERS)}")
         if constraint not in CONSTRAINTS:
@@ -117,6 +123,11 @@ class DiffusionSeparator(nn.Module):
         self.s_churn, self.s_tmin, self.s_tmax, self.s_noise = s_churn, s_tmin, s_tmax, s_noise
         self.gamma_scale, self.corrections = gamma_scale, int(corrections)
         self.langevin_steps, self.langevin_eta = int(langevin_steps), langevin_eta
+        # Under the Dirac constraint the last source is (m - sum_k alpha_k x_k) / alpha_{N-1}: its noise has std
+        # sigma * sqrt(sum_{k<N-1} (alpha_k / alpha_{N-1})^2) (sqrt(N - 1) for equal weights), not sigma. "scaled"
+        # asks its score at that level; "same" (ISDM) at sigma. For two equal weights the two agree.
+        ratios = self.alpha[:-1] / self.alpha[-1]
+        self.last_sigma_scale = float(ratios.pow(2).sum().sqrt()) if dirac_last_sigma == "scaled" else 1.0
         self.initializer = None  # (mix, n_chains, seeds) -> [B * C, N, T] added to the first noise (separation.init)
         self.nonfinite_steps = 0
         cap = math.inf if self.sigma_cap is None else self.sigma_cap
@@ -203,7 +214,11 @@ class DiffusionSeparator(nn.Module):
 
         def posterior_score(x, sigma):
             nonlocal nonfinite
-            score = self.score_model.score(x, float(sigma)).float()
+            level = float(sigma)
+            if dirac and self.last_sigma_scale != 1.0:  # each source at its own noise level: [B * C, N]
+                level = torch.full(x.shape[:2], float(sigma), device=x.device)
+                level[:, -1] = float(sigma) * self.last_sigma_scale
+            score = self.score_model.score(x, level).float()
             # A non-finite prior score would poison the chain for good: that chain skips this move
             # (counted per chain and score call).
             finite = torch.isfinite(score).flatten(1).all(dim=1).view(-1, 1, 1)

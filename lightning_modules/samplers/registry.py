@@ -41,7 +41,8 @@ def build_diffusion(score_model, alpha, s, levels=None):
         score_model, alpha, sigma_max=s.diffusion_sigma_max, sigma_min=s.diffusion_sigma_min, steps=s.diffusion_steps,
         rho=s.diffusion_rho, solver=s.diffusion_solver, s_churn=s.diffusion_churn, constraint=s.diffusion_constraint,
         gamma_scale=s.diffusion_gamma_scale, corrections=s.diffusion_corrections, init=s.diffusion_init,
-        langevin_steps=s.diffusion_langevin_steps, langevin_eta=s.diffusion_langevin_eta)
+        langevin_steps=s.diffusion_langevin_steps, langevin_eta=s.diffusion_langevin_eta,
+        dirac_last_sigma=s.diffusion_dirac_last_sigma)
 
 
 def diffusion_conflicts(s):
