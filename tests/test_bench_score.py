@@ -6,7 +6,8 @@ import torch
 
 from experiments.bench.score import main
 
-TINY = ["model.width=8", "model.n_layers=2", "model.embed_dim=16", "model.ode_divergence=hutchinson",
+TINY = ["model.net=dilated", "model.width=8", "model.n_layers=2", "model.embed_dim=16", "model.ode_divergence=hutchinson",
+        "separation.diffusion_solver=heun", "separation.diffusion_churn=0", "separation.diffusion_corrections=0",
         "data.crop_length=256", "data.batch_size=2", "separation.length=256", "separation.diffusion_steps=3",
         "separation.n_chains=2",
         "repeats=1", "train_steps=1", "warmup=1", "loglik_batch_size=1", "device=cpu", "threads=1"]

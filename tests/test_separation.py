@@ -508,8 +508,9 @@ def test_diffusion_runs_through_the_separation_loop_on_every_finished_level(flow
     assert summary["config"]["prior_dir_per_level"] == [str(prior_dir(config, s, g)) for s, g in grids.items()]
     assert summary["config"]["selection_prior_dir"] == str(prior_dir(config, 0.0))
     assert selection is separator.score_model.priors[-1] and summary["selection"] == "log_prob"
-    # The diffusion sampler's options reach it.
-    assert separator.sigmas == pytest.approx([1.0, 0.2934, 0.0663, 0.01, 0.0], abs=1e-4)
+    # The diffusion sampler's options reach it; sigma_max 1.0 is capped at the top finished level, 0.3 (above it
+    # that level's prior would serve every sigma).
+    assert separator.sigmas == pytest.approx([0.3, 0.1147, 0.0377, 0.01, 0.0], abs=1e-4)
     assert separator.solver == "heun" and separator.constraint == "dirac"
 
 
