@@ -49,6 +49,16 @@ def logged(run_dir, key):
         return [float(row[key]) for row in csv.DictReader(stream) if row.get(key)]
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """For modules of many tiny tensor calls: a second intra-op thread only adds synchronisation (up to ~20x
+    slower on a busy machine). Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def tiny_overrides(tmp_path):
     return TINY + [f"output_root={tmp_path / 'runs'}"]

@@ -18,13 +18,7 @@ DIRAC = dict(sigma_max=2.0, sigma_min=1e-3, steps=50, s_churn=40, corrections=2,
 GAUSSIAN = dict(DIRAC, constraint="gaussian", sigma_min=1e-2, gamma_scale=1.0, langevin_eta=2.0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tensors here are tiny: on a busy machine a second thread costs ~20x, it never gains."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def gaussian_mixture(alpha, length=1024, seed=0):

@@ -17,13 +17,7 @@ SIGMA_DATA = torch.tensor([0.5, 1.0, 2.0], dtype=F64)
 SIGMA_MIN, SIGMA_MAX = 1e-3, 100.0
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Hundreds of tiny denoiser calls: a second intra-op thread only adds synchronisation (10x on a busy box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def per_row(sigma):

@@ -32,8 +32,10 @@ def synchronize(device):
         torch.cuda.synchronize()
 
 
-def time_it(fn, steps, device):
-    fn()  # warm-up (and data-dependent ActNorm init)
+def time_it(fn, steps, device, warmup=True):
+    """Seconds per call of ``fn``, after one untimed call unless ``warmup=False``."""
+    if warmup:
+        fn()  # warm-up (and data-dependent ActNorm init)
     synchronize(device)
     started = time.perf_counter()
     for _ in range(steps):
@@ -43,7 +45,9 @@ def time_it(fn, steps, device):
 
 
 def autocast(device, precision):
-    dtype = {"bf16": torch.bfloat16, "16": torch.float16}.get(precision)
+    """Autocast for a precision name: bf16 / bf16-mixed, 16 / 16-mixed; anything else is float32."""
+    precision = str(precision)
+    dtype = torch.bfloat16 if precision.startswith("bf16") else torch.float16 if precision.startswith("16") else None
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 

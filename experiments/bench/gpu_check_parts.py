@@ -5,6 +5,7 @@
 The result file is rewritten after every item, so a part stopped at its limit still reports what it finished.
 An item that fails is recorded with its error and the part goes on with the next one.
 """
+import json
 import math
 import os
 import sys
@@ -13,7 +14,8 @@ import time
 import torch
 
 from datamodules.atomic_io import atomic_write_text
-from experiments.bench.common import parse_options, synchronize
+from experiments.bench.common import autocast as common_autocast
+from experiments.bench.common import parse_options, synchronize, time_it
 from experiments.config import load_config, to_dict
 from lightning_modules.prior_registry import build_prior
 
@@ -67,8 +69,6 @@ class Context:
 
 
 def json_dump(items):
-    import json
-
     def clean(value):
         return None if isinstance(value, float) and not math.isfinite(value) else value
     return json.dumps({k: {kk: clean(vv) for kk, vv in v.items()} if isinstance(v, dict) else v
@@ -86,18 +86,14 @@ def synthetic_sources(batch, n_sources, length, device, seed=0):
 
 
 def autocast(ctx, bf16):
-    return torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=bf16)
+    return common_autocast(ctx.device, "bf16" if bf16 else "32")
 
 
 def timed(ctx, fn, steps):
-    synchronize(ctx.device)
+    """Seconds per call (the callers warm up themselves), peak memory counted from here."""
     if ctx.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(ctx.device)
-    started = time.perf_counter()
-    for _ in range(steps):
-        fn()
-    synchronize(ctx.device)
-    return (time.perf_counter() - started) / steps
+    return time_it(fn, steps, ctx.device, warmup=False)
 
 
 def peak_gib(ctx):

@@ -31,12 +31,11 @@ import json
 import math
 import platform
 import sys
-import time
 
 import torch
 
 from datamodules.atomic_io import atomic_write_text
-from experiments.bench.common import parse_options, pick_device, synchronize
+from experiments.bench.common import autocast, parse_options, pick_device, time_it
 from experiments.config import ConfigError, load_config, to_dict
 from lightning_modules.samplers.diffusion import DiffusionSeparator
 from lightning_modules.samplers.mixing import mixing_weights
@@ -51,21 +50,6 @@ DIFFUSION_SETTINGS = (
 )
 
 COUNTS = ("train_steps", "warmup", "repeats", "n_mixtures")
-
-
-def autocast(device, precision):
-    """Autocast for a Lightning precision string: bf16 / bf16-mixed, 16 / 16-mixed; anything else is float32."""
-    dtype = torch.bfloat16 if precision.startswith("bf16") else torch.float16 if precision.startswith("16") else None
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
-
-
-def timed(fn, repeats, device):
-    synchronize(device)
-    started = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    synchronize(device)
-    return (time.perf_counter() - started) / repeats
 
 
 def random_sources(shape, device):
@@ -87,7 +71,7 @@ def bench_training(prior, config, device, precision, steps, warmup):
 
     for _ in range(warmup):
         step()
-    seconds = timed(step, steps, device)
+    seconds = time_it(step, steps, device, warmup=False)
     audio_seconds = batch_size * n_sources * length / config.data.sample_rate
     return {"batch_size": batch_size, "crop_length": length, "steps_timed": steps, "warmup_steps": warmup,
             "seconds_per_step": seconds, "steps_per_second": 1 / seconds,
@@ -109,7 +93,7 @@ def bench_likelihood(prior, config, device, batch_size, repeats):
                 raise RuntimeError("log_prob of the untrained prior is not finite")
             infos.append(dict(prior.last_likelihood_info))
 
-        seconds = timed(evaluate, repeats, device)
+        seconds = time_it(evaluate, repeats, device, warmup=False)
     evaluations = sum(info["function_evaluations"] for info in infos) / len(infos)
     info = infos[-1]
     return {"batch_size": batch_size, "crop_length": length, "repeats": repeats, "method": prior.likelihood_method,
@@ -143,7 +127,7 @@ def bench_separation(prior, config, device, precision, n_mixtures, repeats):
     seeds = list(range(n_mixtures))
     with torch.no_grad(), autocast(device, precision):
         prior.score(random_sources((n_mixtures * chains, prior.n_sources, length), device), 1.0)  # warm-up
-        seconds = timed(lambda: separator(mix, chains, seeds), repeats, device)
+        seconds = time_it(lambda: separator(mix, chains, seeds), repeats, device, warmup=False)
     return {**settings, "length": length, "n_mixtures": n_mixtures, "repeats": repeats,
             "score_evaluations": separator.score_evaluations, "nonfinite_steps": separator.nonfinite_steps,
             "seconds_per_batch": seconds, "seconds_per_mixture": seconds / n_mixtures,
