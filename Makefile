@@ -3,7 +3,8 @@
 # MODEL (flow | wavenet | score | lqvae: EXPERIMENT=toy_$(MODEL)) or EXPERIMENT (toy_flow, toy_wavenet, toy_score,
 # musdb_flow, musdb_wavenet, musdb_score, slakh_flow, slakh_score, *_lqvae; e.g. make cross-likelihood EXPERIMENT=musdb_flow),
 # SIGMA, GRID (paper003 | basis), RUNS (output root), ARGS (any config override, key=value ...),
-# SOURCES (comma-separated subset to separate), MIX / OUT / FORCE (separating a file).
+# SOURCES (comma-separated subset to separate), MIX / OUT / FORCE (separating a file),
+# DEMO_ROOT / SONGS (make demo-data: output folder, number of songs).
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -24,10 +25,14 @@ DATA_ARGS ?=
 SCORE_ARGS ?=
 POSTERIOR_ARGS ?=
 LOCK ?= requirements.lock
+DEMO_ROOT ?= data/demo
+SONGS ?= 48
+SOUNDFONT = $${DEMO_SOUNDFONT:-/usr/share/sounds/sf2/FluidR3_GM.sf2}
 # User values reach the recipes as environment variables and are quoted there ("$$MIX"), so a path with
 # spaces, quotes or a semicolon is one argument and never shell code. ARGS is split at whitespace only
 # (no globbing, no quote removal): each word is one key=value override.
 export EXPERIMENT PRESET RUNS GRID SIGMA ARGS SOURCES MIX OUT FORCE AGAINST LANGEVIN_ARGS DATA_ARGS SCORE_ARGS POSTERIOR_ARGS
+export DEMO_ROOT SONGS
 ABLATION_EXPERIMENT = $(if $(findstring lqvae,$(EXPERIMENT)),$(EXPERIMENT),toy_lqvae)
 export ABLATION_EXPERIMENT
 SPLIT = read -ra args <<< "$$ARGS";
@@ -37,17 +42,24 @@ CLI = $(SPLIT) $(PY) -m experiments.cli
 COMMON = "experiment=$$EXPERIMENT" "preset=$$PRESET" "output_root=$$RUNS"
 
 .DEFAULT_GOAL := help
-.PHONY: help install lock check-install test test-slow train-toy-flow train-toy-wavenet train-toy-score train-toy-lqvae train-slakh-lqvae train-musdb-lqvae train-lqvae lqvae-ablation separate-slakh-pairs train-posterior train-pooled separate-variational train-musdb-score train-slakh-score train-musdb-flow train-musdb-wavenet train-slakh-flow compare-toy compare-musdb train finetune-noise finetune-noise-all cross-likelihood separate-toy tune-sampler separation-table separate bench bench-compare gpu-check show-config
+.PHONY: help install lock check-install demo-data test test-slow train-toy-flow train-toy-wavenet train-toy-score train-toy-lqvae train-slakh-lqvae train-musdb-lqvae train-lqvae lqvae-ablation separate-slakh-pairs train-posterior train-pooled separate-variational train-musdb-score train-slakh-score train-musdb-flow train-musdb-wavenet train-slakh-flow compare-toy compare-musdb train finetune-noise finetune-noise-all cross-likelihood separate-toy tune-sampler separation-table separate bench bench-compare gpu-check show-config
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-20s %s\n", $$1, $$2}'
 
-install: ## Create .venv from the lock file (exact versions and hashes; ffmpeg/ffprobe via apt-get when root), then check it
+install: ## Create .venv from the lock file (exact versions and hashes; ffmpeg/ffprobe and fluidsynth via apt-get when root), then check it
 	@if ! command -v ffmpeg >/dev/null || ! command -v ffprobe >/dev/null; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends ffmpeg; \
 	  else \
 	    echo "error: ffmpeg/ffprobe not found (musdb needs them). Install them with: sudo apt-get install -y ffmpeg" >&2; exit 1; \
+	  fi; \
+	fi
+	@if ! command -v fluidsynth >/dev/null || [ ! -f /usr/share/sounds/sf2/FluidR3_GM.sf2 ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends fluidsynth fluid-soundfont-gm; \
+	  else \
+	    echo "note: fluidsynth/fluid-soundfont-gm not found; only make demo-data needs them (sudo apt-get install -y fluidsynth fluid-soundfont-gm)" >&2; \
 	  fi; \
 	fi
 	$(PYTHON) -m venv $(VENV)
@@ -61,6 +73,16 @@ check-install: ## pip check and an import of every package the project uses (mak
 lock: ## Re-resolve requirements.lock from pyproject.toml (every platform, Python >= 3.10, with hashes); commit it with the change
 	$(PY) -m pip install -q uv==0.13.9
 	$(VENV)/bin/uv pip compile pyproject.toml --universal --python-version 3.10 --generate-hashes --no-header -o $(LOCK)
+
+demo-data: ## Render a small multitrack set from public-domain scores (music21 corpus, FluidSynth) in both the musdb and Slakh layouts: DEMO_ROOT=data/demo SONGS=48
+	@if ! command -v fluidsynth >/dev/null || [ ! -f "$(SOUNDFONT)" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends fluidsynth fluid-soundfont-gm; \
+	  else \
+	    echo "error: fluidsynth or the soundfont $(SOUNDFONT) is missing. Install them with: sudo apt-get install -y --no-install-recommends fluidsynth fluid-soundfont-gm" >&2; exit 1; \
+	  fi; \
+	fi
+	$(SPLIT) $(PY) -m experiments.demo_data "root=$$DEMO_ROOT" "songs=$$SONGS" "$${args[@]}"
 
 test: ## Fast test suite (under 10 minutes on 2 CPU cores)
 	$(PY) -m pytest -m "not slow" -q
