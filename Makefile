@@ -57,7 +57,8 @@ install: ## Create .venv from the lock file (exact versions and hashes; ffmpeg/f
 	fi
 	@if ! command -v fluidsynth >/dev/null || [ ! -f /usr/share/sounds/sf2/FluidR3_GM.sf2 ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends fluidsynth fluid-soundfont-gm; \
+	    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends fluidsynth fluid-soundfont-gm; } \
+	      || echo "note: could not install fluidsynth/fluid-soundfont-gm; only make demo-data needs them" >&2; \
 	  else \
 	    echo "note: fluidsynth/fluid-soundfont-gm not found; only make demo-data needs them (sudo apt-get install -y fluidsynth fluid-soundfont-gm)" >&2; \
 	  fi; \

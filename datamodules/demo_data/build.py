@@ -16,7 +16,6 @@ touched.
 import hashlib
 import json
 import math
-import os
 import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -36,6 +35,8 @@ BUILDING = ".demo_data_building"  # written first: the folder is ours even if th
 README = "README.md"
 OWNED = ("musdb", "slakh", README, MARKER, BUILDING)
 SONGS_PER_PIECE = 2
+# Raise when a change to this package changes what a request builds, so a rerun rebuilds instead of skipping.
+BUILDER_VERSION = 1
 SPLIT_ORDER = ("train", "validation", "test")  # numbering order, as in Slakh2100
 
 
@@ -60,10 +61,11 @@ def group_of(path):
     for group, (collections, _) in catalogue.GROUPS.items():
         if collection in collections:
             return group
-    raise DemoDataError(f"{path} is not in a demo collection ({sorted(c for v in catalogue.GROUPS.values() for c in v[0])})")
+    known = sorted(c for collections, _ in catalogue.GROUPS.values() for c in collections)
+    raise DemoDataError(f"{path} is not in a demo collection ({', '.join(known)})")
 
 
-def plan_songs(songs, seconds, seed, paths=None, cap=SONGS_PER_PIECE, log=print):
+def plan_songs(songs, seconds, seed, paths=None, cap=SONGS_PER_PIECE):
     """[Song], numbered train first, then validation, then test."""
     sizes = split_sizes(songs)
     candidates = [(group_of(p), p) for p in paths] if paths else catalogue.candidate_order(seed)
@@ -86,7 +88,8 @@ def plan_songs(songs, seconds, seed, paths=None, cap=SONGS_PER_PIECE, log=print)
         raise DemoDataError(f"the corpus gave only {have} of {songs} songs of {seconds:g} s; ask for fewer")
     width = max(3, len(str(songs)))
     ordered = [(split, piece, window) for split in SPLIT_ORDER for piece, window in taken[split]]
-    return [layouts.Song(number + 1, split, piece, window, width) for number, (split, piece, window) in enumerate(ordered)]
+    return [layouts.Song(number + 1, split, piece, window, width)
+            for number, (split, piece, window) in enumerate(ordered)]
 
 
 def render_piece(task):
@@ -167,8 +170,8 @@ def versions_of(program):
     import music21
 
     soundfont = fluidsynth.soundfont_path()
-    return {"renderer": fluidsynth.renderer_version(program), "music21": music21.__version__,
-            "soundfont": {"name": soundfont.name, "bytes": soundfont.stat().st_size}}
+    return {"builder": BUILDER_VERSION, "renderer": fluidsynth.renderer_version(program),
+            "music21": music21.__version__, "soundfont": {"name": soundfont.name, "bytes": soundfont.stat().st_size}}
 
 
 def build_demo_data(root, songs=48, seconds=30.0, seed=0, jobs=1, paths=None, log=print):
@@ -182,11 +185,12 @@ def build_demo_data(root, songs=48, seconds=30.0, seed=0, jobs=1, paths=None, lo
     if prepare_root(root, request, versions) == "skip":
         log(f"{root} already holds this demo set ({MARKER}); nothing to do (delete the folder to rebuild)")
         return json.loads((root / MARKER).read_text())
-    plan = plan_songs(int(songs), float(seconds), int(seed), paths, log=log)
+    plan = plan_songs(int(songs), float(seconds), int(seed), paths)
     by_piece = {}
     for song in plan:
         by_piece.setdefault(song.piece.path, []).append(song)
-    tasks = [(group[0].piece, group, float(seconds), int(seed), root, program, soundfont) for group in by_piece.values()]
+    tasks = [(group[0].piece, group, float(seconds), int(seed), root, program, soundfont)
+             for group in by_piece.values()]
     log(f"rendering {len(plan)} songs from {len(tasks)} pieces into {root} ({jobs} job(s))")
     run_tasks(tasks, jobs, log)
     atomic_write_text(root / README, readme_text(request, plan, versions["renderer"], versions["music21"]))
