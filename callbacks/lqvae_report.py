@@ -31,6 +31,14 @@ def fmt(value):
     return str(value)
 
 
+def lin_formula(size):
+    """The linearisation error of groups of ``size`` sources, written out (x1, x2 or x1, ..., xL)."""
+    names = ["x1", "x2"] if size == 2 else ["x1", "...", f"x{size}"]
+    mix = " + ".join(n if n == "..." else f"w {n}" for n in names)
+    codes = " + ".join(n if n == "..." else f"w B_Q(E({n}))" for n in names)
+    return f"||B_Q(E({mix})) - B_Q({codes})||^2" + ("" if size == 2 else f" over groups of {size} sources")
+
+
 def markdown(results):
     lines = [
         f"# LQ-VAE report ({results['count']} test crops per source)",
@@ -49,7 +57,7 @@ def markdown(results):
         f"- Codebook: perplexity {fmt(results['perplexity_all'])} over all classes, {results['codes_used_all']} of "
         f"{results['codebook_size']} codes used on the test set ({results['dead_codes_all']} unused; "
         f"{results['dead_codes_ema']} below the EMA restart threshold).",
-        f"- Held-out linearisation error ||B_Q(E(w x1 + w x2)) - B_Q(w B_Q(E(x1)) + w B_Q(E(x2)))||^2 (mean over "
+        f"- Held-out linearisation error {lin_formula(results.get('lin_sources', 2))} (mean over "
         f"elements): {fmt(results['lin_error_mean'])}; relative to ||B_Q(E(mix))||^2: "
         f"{fmt(results['lin_error_relative_mean'])}; the two codes agree at {fmt(results['lin_code_agreement_mean'])} "
         f"of the latent steps.",

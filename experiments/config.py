@@ -85,6 +85,7 @@ class ModelConfig:
     beta: Optional[float] = None
     lin_weight: Optional[float] = None
     lin_mixing: Optional[str] = None  # the dataset's mixing: mean (toy), sum (musdb18, slakh2100 stems)
+    lin_sources: Optional[int] = None  # sources mixed per linearisation group: None = len(data.sources), 2 = pairs
     spectral_weight: Optional[float] = None
     fft_sizes: Optional[List[int]] = None
     n_heads: Optional[int] = None
@@ -234,7 +235,11 @@ class SeparationConfig:
     # latent (LQ-VAE family, lightning_modules/samplers/latent_posterior.py): the exact per-step posterior over code tuples
     latent_sigma: float = 0.4  # std of the latent Gaussian likelihood (paper 002: 0.1; its code: 0.4)
     latent_likelihood: str = "gaussian"  # gaussian | delta (only tuples whose quantised sum is the mixture's code)
-    latent_top_k: Optional[int] = 8  # > 2 sources: codes per source kept before the joint (2 sources: exact K^2)
+    # > 2 sources (2 sources: exact K^2): beam (a beam over partial code tuples that sees the mixture,
+    # lightning_modules/samplers/latent_beam.py) | topk (each prior's latent_top_k codes, then their joint)
+    latent_search: str = "beam"
+    latent_beam: int = 64  # beam width: partial code tuples kept per source and step
+    latent_top_k: Optional[int] = 8  # latent_search=topk: codes per source kept before the joint
     latent_rejection_alpha: float = 0.0  # weight of the time-domain likelihood in the rejection (0 = paper's best)
     init_range: float = 1.0  # chains start uniform in [-init_range, init_range]
     # default: each sampler's own start | variational: BASIS/SGLD chains start at a sample of the trained

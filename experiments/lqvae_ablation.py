@@ -37,11 +37,12 @@ def run_ablation(config):
     with_loss, without_loss = report(config), report(without)
     rows = [{"metric": key, "meaning": meaning, "better": better, "with_lin": with_loss[key],
              "without_lin": without_loss[key]} for key, meaning, better in METRICS]
-    lines = [f"# Linearisation loss ablation ({config.experiment}, {with_loss['count']} held-out test pairs "
-             f"per source pair)", "",
+    group = "pair" if with_loss.get("lin_sources", 2) == 2 else f"group of {with_loss['lin_sources']} sources"
+    lines = [f"# Linearisation loss ablation ({config.experiment}, {with_loss['count']} held-out test mixtures "
+             f"per {group})", "",
              f"| metric | better | with L_lin (weight {lin_weight:g}) | without |", "|---|---|---|---|"]
     lines += [f"| {r['meaning']} | {r['better']} | {r['with_lin']:.4g} | {r['without_lin']:.4g} |" for r in rows]
-    lines += ["", "Per pair: " + ", ".join(
+    lines += ["", f"Per {group}: " + ", ".join(
         f"{pair} {with_loss['lin_error'][s]:.4g} vs {without_loss['lin_error'][s]:.4g}"
         for s, pair in zip(with_loss["sources"], with_loss["lin_pairs"])), ""]
     out = experiment_dir(config)

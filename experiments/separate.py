@@ -209,6 +209,7 @@ def latent_separator(config, sources, alpha):
     separator = SAMPLERS[sep.algorithm].build(prior, alpha, sep, indices, sep.length or config.data.eval_length)
     record = {"prior_dir_per_level": [str(directory)], "selection_prior_dir": str(directory),
               "latent": {"sigma": sep.latent_sigma, "likelihood": sep.latent_likelihood, "top_k": sep.latent_top_k,
+                         "search": sep.latent_search, "beam": sep.latent_beam,
                          "rejection_alpha": sep.latent_rejection_alpha}}
     return separator, separator.score_model, record
 

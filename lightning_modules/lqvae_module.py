@@ -1,10 +1,13 @@
 """Stage 1 of the LQ-VAE family: trains the shared LQ-VAE (lightning_modules/nn/lqvae.py) on single-source
-crops of every source, with the linearisation loss on pairs of crops from different sources.
+crops of every source, with the linearisation loss on groups of L = model.lin_sources crops from different
+sources (default: every source of the run, so the loss sees the mixtures the separator will see).
 
-A batch ``sources`` [B, N, T] gives B * N single-source crops; crop (b, k) is paired with (b, k + 1 mod N),
-the next source of the same example. Its test loop is the stage-1 report: reconstruction SI-SDR per source
-class, code usage (perplexity, dead codes) per class and overall, and the held-out linearisation error,
-from sums reduced over DDP ranks.
+A batch ``sources`` [B, N, T] gives B * N single-source crops. Pairs (L = 2, paper 002): crop (b, k) with
+(b, k + 1 mod N), the next source of the same example. L < N: the group of (b, k) is sources k, ..., k + L - 1
+(mod N) of example b, B * N groups. L = N: one group per example, the mixture of all its sources (the N
+rotations would be the same mixture N times). Its test loop is the stage-1 report: reconstruction SI-SDR per
+source class, code usage (perplexity, dead codes) per class and overall, and the held-out linearisation
+error of the group starting at each source, from sums reduced over DDP ranks.
 """
 import logging
 import math
@@ -38,6 +41,35 @@ def pairs(x):
     return x.reshape(batch * n, length), index.roll(-1, dims=1).reshape(-1)
 
 
+def resolve_lin_sources(value, n_sources):
+    """model.lin_sources resolved against the run's N sources: None = N; refused outside 2..N."""
+    size = n_sources if value is None else int(value)
+    if not 2 <= size <= n_sources:
+        raise ValueError(f"model.lin_sources must be between 2 and the number of sources in data.sources "
+                         f"({n_sources}), got {size}")
+    return size
+
+
+def lin_groups(x, size, distinct=True):
+    """[B, N, T] -> (crops [B*N, T], partner): ``pairs`` for size 2 (paper 002's, unchanged); else groups
+    [G, size] of crop indices, sources k, ..., k + size - 1 (mod N) of one example. ``distinct`` with
+    size == N: one group per example, not its N rotations (the same mixture, summed in another order)."""
+    if size == 2:
+        return pairs(x)
+    batch, n, length = x.shape
+    index = torch.arange(batch * n, device=x.device).view(batch, n)
+    if distinct and size == n:
+        return x.reshape(batch * n, length), index
+    groups = torch.stack([index.roll(-j, dims=1) for j in range(size)], dim=-1)  # [B, N, size]
+    return x.reshape(batch * n, length), groups.reshape(batch * n, size)
+
+
+def lin_labels(sources, size):
+    """The group starting at each source, named by its members: 'sine+square' for a pair."""
+    n = len(sources)
+    return ["+".join(sources[(k + j) % n] for j in range(size)) for k in range(n)]
+
+
 class LQVAEModule(pl.LightningModule):
     def __init__(self, model: dict, sources: list, lr: float = 3e-4, lr_decay: float = 0.6,
                  lr_decay_times: int = 0, schedule_steps: int = 100_000, seed: int = 0):
@@ -45,6 +77,7 @@ class LQVAEModule(pl.LightningModule):
         self.save_hyperparameters()
         self.sources = list(sources)
         self.lqvae = build_lqvae(model)
+        self.lin_sources = resolve_lin_sources(self.lqvae.cfg.lin_sources, len(self.sources))
         self.skip_step = False
         self.skipped_steps = 0
         self.results = None
@@ -54,7 +87,7 @@ class LQVAEModule(pl.LightningModule):
         return ("loss", "mse", *spectral, "commit", "lin")
 
     def training_step(self, batch, batch_idx):
-        x, partner = pairs(batch["sources"].float())
+        x, partner = lin_groups(batch["sources"].float(), self.lin_sources)
         terms = self.lqvae.losses(x, partner, update=True)
         finite = torch.isfinite(terms["loss"]).reshape(1).float()
         if self.trainer.world_size > 1:
@@ -76,7 +109,7 @@ class LQVAEModule(pl.LightningModule):
             optimizer.zero_grad(set_to_none=True)  # Adam leaves parameters without gradients untouched
 
     def validation_step(self, batch, batch_idx):
-        x, partner = pairs(batch["sources"].float())
+        x, partner = lin_groups(batch["sources"].float(), self.lin_sources)
         terms = self.lqvae.losses(x, partner, update=False)
         size = batch["sources"].shape[0]
         for name in self.logged_terms():
@@ -114,7 +147,8 @@ class LQVAEModule(pl.LightningModule):
     def test_step(self, batch, batch_idx):
         sources = batch["sources"].float()
         batch_size, n, length = sources.shape
-        x, partner = pairs(sources)
+        # One group per source (its rotations when L = N), so each row of the report has its own.
+        x, partner = lin_groups(sources, self.lin_sources, distinct=False)
         quantised, indices, _ = self.lqvae.quantizer(self.lqvae.encode(x))
         reconstruction = self.lqvae.decode(quantised)
         per_crop = si_sdr(reconstruction, x).view(batch_size, n)
@@ -124,7 +158,7 @@ class LQVAEModule(pl.LightningModule):
         indices = indices.view(batch_size, n, -1)
         for k in range(n):
             sums["code_counts"][k] += torch.bincount(indices[:, k].flatten(), minlength=self.lqvae.cfg.codebook_size)
-        # Pair (k, k + 1) is reported under source k.
+        # The group (k, ..., k + L - 1) is reported under source k.
         sums["lin_error"] += (lq - ql).pow(2).mean(dim=(1, 2)).view(batch_size, n).sum(0)
         sums["lin_energy"] += lq.pow(2).mean(dim=(1, 2)).view(batch_size, n).sum(0)
         sums["lin_agreement"] += (ql_indices == lq_indices).double().mean(1).view(batch_size, n).sum(0)
@@ -138,7 +172,6 @@ class LQVAEModule(pl.LightningModule):
         counts = sums["code_counts"]
         total_counts = counts.sum(0)
         cfg = self.lqvae.cfg
-        partner = self.sources[1:] + self.sources[:1]
         self.results = {
             "sources": self.sources,
             "count": int(count[0]),
@@ -146,6 +179,7 @@ class LQVAEModule(pl.LightningModule):
             "codebook_size": cfg.codebook_size,
             "lin_weight": cfg.lin_weight,
             "lin_mixing": cfg.lin_mixing,
+            "lin_sources": self.lin_sources,
             "si_sdr": dict(zip(self.sources, (sums["si_sdr"] / count).tolist())),
             "perplexity": dict(zip(self.sources, perplexity(counts).tolist())),
             "codes_used": dict(zip(self.sources, (counts > 0).sum(1).tolist())),
@@ -153,7 +187,7 @@ class LQVAEModule(pl.LightningModule):
             "codes_used_all": int((total_counts > 0).sum()),
             "dead_codes_all": int((total_counts == 0).sum()),
             "dead_codes_ema": self.lqvae.quantizer.dead_codes(),
-            "lin_pairs": [f"{a}+{b}" for a, b in zip(self.sources, partner)],
+            "lin_pairs": lin_labels(self.sources, self.lin_sources),  # the groups (pairs when L = 2)
             "lin_error": dict(zip(self.sources, (sums["lin_error"] / count).tolist())),
             "lin_error_relative": dict(zip(self.sources, (sums["lin_error"] / sums["lin_energy"]).tolist())),
             "lin_code_agreement": dict(zip(self.sources, (sums["lin_agreement"] / count).tolist())),

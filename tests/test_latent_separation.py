@@ -117,10 +117,10 @@ def test_candidates_are_reproducible_per_mixture_seed_whatever_the_batch(prior):
     assert not torch.equal(other[1], together[1])
 
 
-def test_more_than_two_sources_need_top_k_and_then_separate(prior):
+def test_more_than_two_sources_under_top_k_need_k_and_then_separate(prior):
     with pytest.raises(ValueError, match="latent_top_k"):
-        separator(prior, indices=(0, 1, 2), alpha=(1 / 3,) * 3)
-    sep = separator(prior, indices=(0, 1, 2), alpha=(1 / 3,) * 3, top_k=3)
+        separator(prior, indices=(0, 1, 2), alpha=(1 / 3,) * 3, search="topk")
+    sep = separator(prior, indices=(0, 1, 2), alpha=(1 / 3,) * 3, top_k=3, search="topk")
     estimates, _ = sep(torch.randn(1, 32), 2, seeds=[0])
     assert estimates.shape == (1, 2, 3, 32) and torch.isfinite(estimates).all()
     assert sep.last_selection.shape == (2, 3)

@@ -117,3 +117,86 @@ def test_bad_lqvae_options_are_refused_with_a_clear_message():
         LQVAEConfig(lin_mixing="product")
     with pytest.raises(ValueError, match="multiple of its hop"):
         tiny_lqvae().encode(torch.randn(1, 63))
+
+
+# Linearisation on N-source groups (model.lin_sources): the pair path unchanged, N-tuples by hand.
+def old_pair_losses(model, x, partner):
+    """Paper 002's pair loss as the code had it before N-source groups, for the bit-identity check."""
+    quantised, _, _ = model.quantizer(model.encode(x))
+    ql, _, _ = model.quantizer(0.5 * quantised + 0.5 * quantised[partner])
+    lq, _, _ = model.quantizer(model.encode(0.5 * x + 0.5 * x[partner]))
+    reconstruction = model.decode(quantised)
+    return (lq - ql).pow(2).mean(), (reconstruction - x).pow(2).mean()
+
+
+def test_the_pair_path_is_bit_identical_to_the_old_formula():
+    from lightning_modules.lqvae_module import lin_groups, pairs
+
+    model = tiny_lqvae()
+    torch.manual_seed(1)
+    batch = torch.randn(2, 4, 64)
+    x, partner = lin_groups(batch, 2)
+    old_x, old_partner = pairs(batch)
+    assert torch.equal(x, old_x) and torch.equal(partner, old_partner)
+    terms = model.losses(x, partner)
+    old_lin, old_mse = old_pair_losses(model, x, partner)
+    assert torch.equal(terms["lin"], old_lin) and torch.equal(terms["mse"], old_mse)
+    # The same graph too: equal gradients of the linearisation term.
+    new_grads = torch.autograd.grad(terms["lin"], list(model.encoder.parameters()))
+    old_grads = torch.autograd.grad(old_pair_losses(model, x, partner)[0], list(model.encoder.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(new_grads, old_grads))
+
+
+def nearest_by_hand(vectors, codebook):
+    """[B, D, S] -> the nearest code of every column, by an explicit argmin over the codebook."""
+    columns = vectors.transpose(1, 2)  # [B, S, D]
+    distances = ((columns[..., None, :] - codebook) ** 2).sum(-1)  # [B, S, K]
+    return codebook[distances.argmin(-1)].transpose(1, 2)
+
+
+@pytest.mark.parametrize("mixing, weight", [("mean", 1 / 3), ("sum", 1.0)])
+def test_the_n_source_linearisation_loss_equals_a_hand_computation(mixing, weight):
+    model = tiny_lqvae(lin_mixing=mixing)
+    torch.manual_seed(2)
+    x = torch.randn(6, 64)  # two examples of three sources
+    groups = torch.tensor([[0, 1, 2], [3, 4, 5]])
+    codebook = model.quantizer.codebook
+    with torch.no_grad():
+        codes = nearest_by_hand(model.encode(x), codebook)
+        ql = nearest_by_hand(weight * (codes[0::3] + codes[1::3] + codes[2::3]), codebook)
+        lq = nearest_by_hand(model.encode(weight * (x[0::3] + x[1::3] + x[2::3])), codebook)
+        expected = (lq - ql).pow(2).mean()
+        terms = model.losses(x, groups)
+    assert expected > 0
+    assert torch.allclose(terms["lin"], expected, rtol=1e-5, atol=1e-7)
+
+
+def test_linearisation_groups_mix_distinct_sources_of_one_example():
+    from lightning_modules.lqvae_module import lin_groups, lin_labels
+
+    batch = torch.arange(2 * 4 * 3, dtype=torch.float32).view(2, 4, 3)
+    x, groups = lin_groups(batch, 4)
+    assert torch.equal(x, batch.reshape(8, 3)) and groups.tolist() == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    _, rotations = lin_groups(batch, 4, distinct=False)  # the report: one group starting at each source
+    assert rotations.shape == (8, 4) and rotations[1].tolist() == [1, 2, 3, 0]
+    _, triples = lin_groups(batch, 3)
+    assert triples.shape == (8, 3) and triples[3].tolist() == [3, 0, 1] and triples[4].tolist() == [4, 5, 6]
+    assert all(len(set(g.tolist())) == 3 and len({int(i) // 4 for i in g}) == 1 for g in triples)
+    sources = ["sine", "square", "saw", "triangle"]
+    assert lin_labels(sources, 2) == ["sine+square", "square+saw", "saw+triangle", "triangle+sine"]
+    assert lin_labels(sources, 4)[0] == "sine+square+saw+triangle"
+
+
+def test_bad_lin_sources_are_refused_with_a_clear_message():
+    from lightning_modules.lqvae_module import LQVAEModule, resolve_lin_sources
+
+    assert resolve_lin_sources(None, 4) == 4 and resolve_lin_sources(2, 4) == 2
+    with pytest.raises(ValueError, match="lin_sources must be >= 2"):
+        LQVAEConfig(lin_sources=1)
+    with pytest.raises(ValueError, match="between 2 and the number of sources"):
+        resolve_lin_sources(5, 4)
+    model = {"name": "lqvae", "codebook_size": 8, "code_dim": 4, "vq_width": 8, "strides": [2, 2], "res_depth": 1,
+             "width": 16, "n_layers": 1, "n_heads": 2, "context": 8}
+    with pytest.raises(ValueError, match="between 2 and the number of sources"):
+        LQVAEModule({**model, "lin_sources": 3}, sources=["sine", "square"])
+    assert LQVAEModule(model, sources=["sine", "square", "saw"]).lin_sources == 3

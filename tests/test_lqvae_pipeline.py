@@ -45,6 +45,8 @@ def test_the_stage1_report_has_every_class(lqvae_run):
     sources = list(lqvae_run.data.sources)
     assert report["sources"] == sources and report["count"] == 7
     assert set(report["si_sdr"]) == set(sources) and set(report["lin_error"]) == set(sources)
+    # model.lin_sources defaults to every source: the report's groups are the four-source mixtures.
+    assert report["lin_sources"] == 4 and report["lin_pairs"][0] == "sine+square+saw+triangle"
     assert 1.0 <= report["perplexity_all"] <= 16 and report["codes_used_all"] + report["dead_codes_all"] == 16
     for name in ("lqvae_report.csv", "lqvae_report.md", "config.yaml"):
         assert (lqvae_dir(lqvae_run) / "report" / name).is_file()

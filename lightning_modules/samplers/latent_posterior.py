@@ -9,10 +9,12 @@ up to a constant ("gaussian"), or only the tuples whose quantised sum IS the mix
 paper code's option; a step where no tuple of the candidate set matches falls back to the Gaussian).
 For two sources every one of the K^2 pairs is scored: the K x K table of the codes of B_Q(alpha_1 e_i +
 alpha_2 e_j) is computed once per codebook (in chunks of rows, so K = 2048 fits: 2048^2 int32 indices,
-16 MiB) and rebuilt when the codebook changes. For N > 2 sources K^N tuples are out of reach; the
-documented approximation keeps the ``top_k`` most probable codes of each source's prior at that step and
-scores the top_k^N tuples by the distance of their UNquantised weighted sum to m_s (re-quantising every
-tuple would cost a K-way search each). Two sources always get the exact K^2 posterior.
+16 MiB) and rebuilt when the codebook changes. For N > 2 sources K^N tuples are out of reach. The default
+``search="beam"`` samples among the ``beam`` tuples of a beam over partial tuples scored with the mixture in
+view (latent_beam.py); ``search="topk"``, the earlier approximation, keeps the ``top_k`` most probable codes
+of each source's prior alone and samples among their top_k^N tuples. Both score a tuple by the distance of
+its UNquantised weighted sum to m_s (re-quantising every tuple would cost a K-way search each). Two sources
+always get the exact K^2 posterior.
 
 The Transformers run with their key/value caches; the C candidates of each mixture are one batch and are
 drawn with a generator seeded by the mixture's seed, so they do not depend on batching or sharding.
@@ -26,7 +28,10 @@ in section 4.3), and ``extra_choices`` adds the time-domain consistency choice.
 import torch
 from torch import nn
 
+from lightning_modules.samplers.latent_beam import beam_search
+
 LIKELIHOODS = ("gaussian", "delta")
+SEARCHES = ("beam", "topk")  # how N > 2 sources choose a step's candidate tuples
 
 
 def pair_sum_table(quantizer, alpha, chunk=64):
@@ -62,15 +67,19 @@ class LatentSeparator(nn.Module):
     extra_choice_names = ("consistent",)
 
     def __init__(self, prior, source_indices, alpha, length, sigma=0.4, likelihood="gaussian", top_k=None,
-                 rejection_alpha=0.0):
+                 rejection_alpha=0.0, search="beam", beam=64):
         super().__init__()
         if likelihood not in LIKELIHOODS:
             raise ValueError(f"unknown separation.latent_likelihood {likelihood!r}; choose from {list(LIKELIHOODS)}")
         if not sigma > 0:
             raise ValueError(f"separation.latent_sigma must be > 0, got {sigma}")
-        if len(source_indices) > 2 and not top_k:
+        if search not in SEARCHES:
+            raise ValueError(f"unknown separation.latent_search {search!r}; choose from {list(SEARCHES)}")
+        if search == "beam" and not (beam is not None and int(beam) >= 1):
+            raise ValueError(f"separation.latent_beam must be >= 1 (partial tuples kept per source), got {beam}")
+        if len(source_indices) > 2 and search == "topk" and not top_k:
             raise ValueError(f"{len(source_indices)} sources have K^{len(source_indices)} joint codes: set "
-                             f"separation.latent_top_k (e.g. 8) for the top-k approximation")
+                             f"separation.latent_top_k (e.g. 8) for the top-k approximation, or latent_search=beam")
         hop = prior.lqvae.hop
         if length % hop:
             raise ValueError(f"separation.length {length} must be a multiple of the LQ-VAE hop {hop}")
@@ -78,6 +87,7 @@ class LatentSeparator(nn.Module):
         self.register_buffer("indices", torch.tensor(list(source_indices)))
         self.register_buffer("alpha", torch.as_tensor(alpha, dtype=torch.float32))
         self.sigma, self.likelihood, self.top_k, self.rejection_alpha = float(sigma), likelihood, top_k, rejection_alpha
+        self.search, self.beam = search, None if beam is None else int(beam)
         self.n_steps = length // hop
         self.trace_sigmas = [self.sigma] * self.n_steps
         self.nonfinite_steps = 0
@@ -119,27 +129,39 @@ class LatentSeparator(nn.Module):
                 return (table[None] == quantizer.nearest(mix_code)[:, None, None]).flatten(1)
 
             return tuples, self.combine(prior.flatten(1), sum_distance.flatten(1), code_match)
+        if self.search == "beam":
+            return self.beam_scores(log_priors, mix_code, self.beam)
         return self.top_k_scores(log_priors, mix_code, self.top_k)
 
     def top_k_scores(self, log_priors, mix_code, top_k):
-        """The approximation for N > 2 sources (module docstring): (tuples [M, top_k^N, N], scores)."""
-        mix_code = mix_code.float()
-        quantizer = self.prior.lqvae.quantizer
-        codebook = quantizer.codebook.float()
+        """The top-k approximation for N > 2 sources (module docstring): (tuples [M, top_k^N, N], scores)."""
         n_sources = log_priors.shape[1]
         top = log_priors.topk(top_k, dim=-1)  # values, indices [M, N, k]
         grids = torch.cartesian_prod(*[torch.arange(top_k, device=mix_code.device)] * n_sources)
         grids = grids.view(-1, n_sources)  # [k^N, N]
         source = torch.arange(n_sources, device=mix_code.device)
         tuples = top.indices[:, source, grids]  # [M, k^N, N]
-        prior = top.values[:, source, grids].sum(-1)
-        weighted = (self.alpha[None, None, :, None] * codebook[tuples]).sum(2)  # [M, k^N, D]
+        return tuples, self.relaxed_scores(tuples, top.values[:, source, grids].sum(-1), mix_code)
+
+    def beam_scores(self, log_priors, mix_code, width):
+        """The beam for N > 2 sources (latent_beam.py): (tuples [M, min(width, K^N), N], scores)."""
+        codebook = self.prior.lqvae.quantizer.codebook
+        tuples = beam_search(log_priors, mix_code, codebook, self.alpha, self.sigma, width)
+        prior = log_priors.float().gather(2, tuples.transpose(1, 2)).sum(1)  # [M, W]
+        return tuples, self.relaxed_scores(tuples, prior, mix_code)
+
+    def relaxed_scores(self, tuples, prior, mix_code):
+        """Scores of the tuples [M, J, N] with prior log-probabilities [M, J], the likelihood measured on the
+        UNquantised weighted sum of their codes."""
+        mix_code = mix_code.float()
+        quantizer = self.prior.lqvae.quantizer
+        weighted = (self.alpha[None, None, :, None] * quantizer.codebook.float()[tuples]).sum(2)  # [M, J, D]
         sum_distance = (mix_code[:, None] - weighted).pow(2).sum(-1)
 
         def code_match():  # a K-way search per tuple: only the delta likelihood pays for it
             return quantizer.nearest(weighted) == quantizer.nearest(mix_code)[:, None]
 
-        return tuples, self.combine(prior, sum_distance, code_match)
+        return self.combine(prior, sum_distance, code_match)
 
     def combine(self, prior, sum_distance, code_match):
         """Scores of the tuples; ``code_match()`` -> [M, J] bool is evaluated for the delta likelihood only."""

@@ -55,7 +55,7 @@ def build_latent(prior, alpha, s, indices, length):
     from lightning_modules.samplers.latent_posterior import LatentSeparator
 
     return LatentSeparator(prior, indices, alpha, length, s.latent_sigma, s.latent_likelihood, s.latent_top_k,
-                           s.latent_rejection_alpha)
+                           s.latent_rejection_alpha, s.latent_search, s.latent_beam)
 
 
 def build_variational(module, alpha, s):
