@@ -224,7 +224,7 @@ class SeparationConfig:
     diffusion_rho: float = 7.0  # Karras schedule curvature (EDM eq. 5)
     diffusion_solver: str = "heun"  # heun (2nd order) | euler
     diffusion_churn: float = 0.0  # EDM S_churn: fresh noise added before each step (0 = deterministic ODE)
-    diffusion_constraint: str = "dirac"  # dirac: g(x) = m exactly | gaussian: m ~ N(g(x), gamma^2)
+    diffusion_constraint: str = "dirac"  # dirac: g(x) = m exactly, last source derived | projected: g(x) = m, symmetric | gaussian: m ~ N(g(x), gamma^2)
     diffusion_gamma_scale: float = 1.0  # gaussian constraint: gamma = gamma_scale * sigma
     diffusion_corrections: int = 0  # ISDM correction steps per level (re-noise and redo)
     # dirac: the score of the last (derived) source at sigma (same, ISDM) or at its own noise level (scaled)

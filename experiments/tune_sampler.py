@@ -42,6 +42,10 @@ CANDIDATES = {
     "dirac-scaled": ["separation.diffusion_constraint=dirac", "separation.diffusion_dirac_last_sigma=scaled"],
     "isdm-scaled": ISDM + ["separation.diffusion_dirac_last_sigma=scaled"],
     "isdm-sigma-max-3": ISDM + ["separation.diffusion_sigma_max=3.0"],
+    "isdm-projected": ISDM + ["separation.diffusion_constraint=projected"],
+    "projected-sigma-max-3": ISDM + ["separation.diffusion_constraint=projected", "separation.diffusion_sigma_max=3.0"],
+    "projected-corrections-5": ISDM + ["separation.diffusion_constraint=projected", "separation.diffusion_corrections=5"],
+    "projected": ["separation.diffusion_constraint=projected"],
 }
 SETS = {"all": None, "sine-square": "sine,square"}
 

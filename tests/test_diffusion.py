@@ -67,12 +67,13 @@ def test_karras_schedule():
         karras_sigmas(0.1, 1.0, 10)
 
 
+@pytest.mark.parametrize("constraint", ["dirac", "projected"])
 @pytest.mark.parametrize("weights", ["mean", UNEVEN])
-def test_dirac_sampler_matches_the_exact_posterior(weights):
+def test_exact_constraint_samplers_match_the_exact_posterior(weights, constraint):
     alpha = mixing_weights("mean", 4) if weights == "mean" else mixing_weights(None, 4, weights)
     mix = gaussian_mixture(alpha, seed=1)
     prior = GaussianPrior(MEANS, STDS)
-    separator = DiffusionSeparator(prior, alpha, **DIRAC)
+    separator = DiffusionSeparator(prior, alpha, **dict(DIRAC, constraint=constraint))
     samples, trace = separator(mix, n_chains=8, seeds=[1])
     # m = g(x) exactly is the limit gamma -> 0; at gamma = 1e-4 the difference is ~gamma^2 / std^2.
     assert_matches_posterior(samples[0], *prior.posterior(mix[0], alpha, gamma=1e-4))
@@ -95,12 +96,14 @@ def test_gaussian_constraint_matches_the_exact_posterior():
     assert trace["mix_error"][0, -1] < 2 * GAUSSIAN["sigma_min"] ** 2 < 1e-3 * trace["mix_error"][0, 0]
 
 
+@pytest.mark.parametrize("constraint", ["dirac", "projected"])
 @pytest.mark.parametrize("init", ["noise", "mixture"])
 @pytest.mark.parametrize("mixing", ["mean", "sum"])
-def test_dirac_estimates_add_up_to_the_mixture(mixing, init):
+def test_exact_constraint_estimates_add_up_to_the_mixture(mixing, init, constraint):
     alpha = mixing_weights(mixing, 4)
     mix = torch.cat([gaussian_mixture(alpha, 256, seed=s) for s in range(2)])
-    config = dict(sigma_max=1.0, sigma_min=1e-3, steps=20, s_churn=4, corrections=2, langevin_steps=3, langevin_eta=0.1)
+    config = dict(sigma_max=1.0, sigma_min=1e-3, steps=20, s_churn=4, corrections=2, langevin_steps=3, langevin_eta=0.1,
+                  constraint=constraint)
     separator = DiffusionSeparator(GaussianPrior(MEANS, STDS), alpha, init=init, **config)
     samples, trace = separator(mix, n_chains=3, seeds=[0, 1])
     assert torch.allclose((alpha.view(1, 1, -1, 1) * samples).sum(dim=2), mix.unsqueeze(1), atol=1e-5)
@@ -110,7 +113,7 @@ def test_dirac_estimates_add_up_to_the_mixture(mixing, init):
 def test_chains_are_reproducible_and_independent_of_batching():
     alpha = mixing_weights("mean", 4)
     mixes = torch.cat([gaussian_mixture(alpha, 256, seed=s) for s in range(2)])
-    for constraint in ("dirac", "gaussian"):
+    for constraint in ("dirac", "projected", "gaussian"):
         separator = DiffusionSeparator(GaussianPrior(MEANS, STDS), alpha, sigma_max=1.0, sigma_min=1e-2, steps=5,
                                        s_churn=10, corrections=1, langevin_steps=2, constraint=constraint)
         together, _ = separator(mixes, n_chains=3, seeds=[10, 11])

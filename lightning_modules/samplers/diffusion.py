@@ -20,6 +20,15 @@ denoise call is needed). The posterior score is approximated in one of two ways:
 
   Only the free sources move (noise included), the last one is recomputed after every update, so
   g(x) = m up to float rounding at every step.
+* ``projected``: the same constraint m = g(x), treated symmetrically. All sources are free; every
+  update (noise included) is projected orthogonally onto the plane g(x) = m,
+
+      P(v)_k = v_k - alpha_k (sum_j alpha_j v_j) / |alpha|^2,   x <- x + alpha (m - g(x)) / |alpha|^2,
+
+  so the posterior score is the prior scores' projection P(s). It is the Dirac posterior's density
+  in orthogonal coordinates: no source is derived, so none carries the others' errors and noise
+  (Dirac's last source has noise sqrt(N - 1) sigma for equal weights; here every source has
+  sigma sqrt(1 - alpha_k^2 / |alpha|^2)), and the step's curvature stays 1 / sigma^2.
 * ``gaussian``: m = g(x) + N(0, gamma^2), gamma = gamma_scale * sigma; all sources are free and
 
       grad_{x_k} log p(x | m) = s_k(x_k) + alpha_k (m - g(x)) / gamma^2.
@@ -36,7 +45,7 @@ sigma_min up to the O(eta) bias of the discretisation.
 
 Step sizes. A prior's score has curvature at most 1 / sigma^2; the Dirac posterior score's is up to
 c / sigma^2 with c = 1 + sum_{k<N-1} (alpha_k / alpha_{N-1})^2 (N for equal weights); the gaussian one
-has c = 1 + |alpha|^2 / gamma_scale^2. An Euler or Heun step multiplies that direction by about
+has c = 1 + |alpha|^2 / gamma_scale^2; the projected one c = 1. An Euler or Heun step multiplies that direction by about
 1 - c (1 - sigma_{i+1} / sigma_hat), so it is stable only if sigma_{i+1} / sigma_hat > 1 - 2 / c
 (> 1/2 for four equal weights): use enough steps, more with churn.
 
@@ -56,7 +65,7 @@ from lightning_modules.samplers.level_score import LevelScore
 log = logging.getLogger(__name__)
 
 SOLVERS = ("euler", "heun")
-CONSTRAINTS = ("dirac", "gaussian")
+CONSTRAINTS = ("dirac", "projected", "gaussian")
 LAST_SIGMAS = ("same", "scaled")
 INITS = ("noise", "mixture")
 
@@ -199,6 +208,8 @@ class DiffusionSeparator(nn.Module):
         alpha = self.alpha.view(1, -1, 1)
         target = mix.float().repeat_interleave(n_chains, dim=0).unsqueeze(1)  # [B * C, 1, T]
         dirac = self.constraint == "dirac"
+        projected = self.constraint == "projected"
+        alpha_norm2 = alpha.pow(2).sum()
         # Which sources are free: noise and updates touch only those (dirac: all but the last).
         free = torch.ones_like(alpha)
         if dirac:
@@ -207,6 +218,8 @@ class DiffusionSeparator(nn.Module):
         nonfinite = torch.zeros((), dtype=torch.long, device=mix.device)
 
         def project(x):
+            if projected:
+                return x + alpha * (target - (alpha * x).sum(dim=1, keepdim=True)) / alpha_norm2
             if not dirac:
                 return x
             rest = (alpha[:, :-1] * x[:, :-1]).sum(dim=1, keepdim=True)
@@ -225,6 +238,8 @@ class DiffusionSeparator(nn.Module):
             nonfinite = nonfinite + (~finite).sum()
             if dirac:  # chain rule through x_{N-1}(x); the last source itself does not move
                 post = (score - ratio * score[:, -1:]) * free
+            elif projected:  # the projection after every update removes the part normal to the plane
+                post = score
             else:
                 gamma = self.gamma_scale * sigma
                 post = score + alpha * (target - (alpha * x).sum(dim=1, keepdim=True)) / gamma**2
