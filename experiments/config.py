@@ -224,7 +224,9 @@ class SeparationConfig:
     diffusion_rho: float = 7.0  # Karras schedule curvature (EDM eq. 5)
     diffusion_solver: str = "heun"  # heun (2nd order) | euler
     diffusion_churn: float = 0.0  # EDM S_churn: fresh noise added before each step (0 = deterministic ODE)
-    diffusion_constraint: str = "dirac"  # dirac: g(x) = m exactly, last source derived | projected: g(x) = m, symmetric | gaussian: m ~ N(g(x), gamma^2)
+    # dirac: g(x) = m exactly, the last source derived | projected: g(x) = m by orthogonal projection, no source
+    # derived | gaussian: m ~ N(g(x), gamma^2)
+    diffusion_constraint: str = "dirac"
     diffusion_gamma_scale: float = 1.0  # gaussian constraint: gamma = gamma_scale * sigma
     diffusion_corrections: int = 0  # ISDM correction steps per level (re-noise and redo)
     # dirac: the score of the last (derived) source at sigma (same, ISDM) or at its own noise level (scaled)
@@ -232,6 +234,9 @@ class SeparationConfig:
     diffusion_init: str = "noise"  # noise | mixture (start from the Average baseline plus noise)
     diffusion_langevin_steps: int = 0  # Langevin steps at sigma_min before the last step to 0
     diffusion_langevin_eta: float = 0.1  # their step size, in units of sigma_min^2
+    # Relabel every chain's sources by the priors' best permutation at the first level below each of these
+    # sigmas (lightning_modules/samplers/relabel.py; score family only; [] = never)
+    diffusion_relabel_sigmas: List[float] = field(default_factory=list)
     # latent (LQ-VAE family, lightning_modules/samplers/latent_posterior.py): the exact per-step posterior over code tuples
     latent_sigma: float = 0.4  # std of the latent Gaussian likelihood (paper 002: 0.1; its code: 0.4)
     latent_likelihood: str = "gaussian"  # gaussian | delta (only tuples whose quantised sum is the mixture's code)

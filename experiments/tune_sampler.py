@@ -26,6 +26,8 @@ VALIDATION_SET = ["separation.split=val", "separation.n_test=32", "separation.le
 ISDM = ["separation.diffusion_solver=euler", "separation.diffusion_steps=150", "separation.diffusion_churn=40",
         "separation.diffusion_corrections=2", "separation.diffusion_constraint=dirac",
         "separation.diffusion_sigma_max=1.0"]
+PROJECTED = ISDM + ["separation.diffusion_constraint=projected"]
+RELABEL = "separation.diffusion_relabel_sigmas=[0.5,0.3,0.2,0.1,0.05]"
 CANDIDATES = {
     "default": [],
     "isdm": ISDM,
@@ -42,10 +44,15 @@ CANDIDATES = {
     "dirac-scaled": ["separation.diffusion_constraint=dirac", "separation.diffusion_dirac_last_sigma=scaled"],
     "isdm-scaled": ISDM + ["separation.diffusion_dirac_last_sigma=scaled"],
     "isdm-sigma-max-3": ISDM + ["separation.diffusion_sigma_max=3.0"],
-    "isdm-projected": ISDM + ["separation.diffusion_constraint=projected"],
-    "projected-sigma-max-3": ISDM + ["separation.diffusion_constraint=projected", "separation.diffusion_sigma_max=3.0"],
-    "projected-corrections-5": ISDM + ["separation.diffusion_constraint=projected", "separation.diffusion_corrections=5"],
+    "isdm-projected": PROJECTED,
+    "projected-sigma-max-3": PROJECTED + ["separation.diffusion_sigma_max=3.0"],
+    "isdm-gaussian-0.5": ISDM + ["separation.diffusion_constraint=gaussian", "separation.diffusion_gamma_scale=0.5"],
+    "projected-corrections-5": PROJECTED + ["separation.diffusion_corrections=5"],
     "projected": ["separation.diffusion_constraint=projected"],
+    "projected-relabel": PROJECTED + [RELABEL],
+    "isdm-relabel": ISDM + [RELABEL],
+    "projected-relabel-dense": PROJECTED + ["separation.diffusion_relabel_sigmas=[1.0,0.7,0.5,0.4,0.3,0.2,0.15,0.1,"
+                                            "0.07,0.05,0.03]"],
 }
 SETS = {"all": None, "sine-square": "sine,square"}
 

@@ -61,6 +61,7 @@ from torch import nn
 
 from lightning_modules.samplers.draws import per_mixture_draws
 from lightning_modules.samplers.level_score import LevelScore
+from lightning_modules.samplers.relabel import MAX_SOURCES, relabel
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +104,7 @@ class DiffusionSeparator(nn.Module):
     def __init__(self, score_model, alpha, sigma_max=1.0, sigma_min=1e-4, steps=150, rho=7.0,
                  solver="heun", s_churn=0.0, s_tmin=0.0, s_tmax=math.inf, s_noise=1.0,
                  constraint="dirac", gamma_scale=1.0, corrections=0, init="noise",
-                 langevin_steps=0, langevin_eta=0.1, dirac_last_sigma="same"):
+                 langevin_steps=0, langevin_eta=0.1, dirac_last_sigma="same", relabel_sigmas=()):
         super().__init__()
         if dirac_last_sigma not in LAST_SIGMAS:
             raise ValueError(f"unknown dirac_last_sigma {dirac_last_sigma!r}; choose from {list(LAST_SIGMAS)}")
@@ -122,6 +123,12 @@ class DiffusionSeparator(nn.Module):
         if gamma_scale <= 0 or langevin_eta <= 0 or s_noise < 0:
             raise ValueError(f"need gamma_scale > 0, langevin_eta > 0, s_noise >= 0, got "
                              f"{gamma_scale}, {langevin_eta}, {s_noise}")
+        self.relabel_sigmas = sorted((float(s) for s in relabel_sigmas), reverse=True)
+        if self.relabel_sigmas and getattr(score_model, "selection_score", None) is None:
+            raise ValueError("diffusion_relabel_sigmas needs priors with a selection_score (the score family)")
+        if self.relabel_sigmas and (min(self.relabel_sigmas) <= 0 or len(alpha) > MAX_SOURCES):
+            raise ValueError(f"diffusion_relabel_sigmas must be positive and the sources at most {MAX_SOURCES}, "
+                             f"got {self.relabel_sigmas} for {len(alpha)} sources")
         self.score_model = score_model
         self.register_buffer("alpha", torch.as_tensor(alpha, dtype=torch.float32))
         if len(self.alpha) < 2 or not (self.alpha != 0).all():
@@ -139,6 +146,7 @@ class DiffusionSeparator(nn.Module):
         self.last_sigma_scale = float(ratios.pow(2).sum().sqrt()) if dirac_last_sigma == "scaled" else 1.0
         self.initializer = None  # (mix, n_chains, seeds) -> [B * C, N, T] added to the first noise (separation.init)
         self.nonfinite_steps = 0
+        self.relabelled_chains = 0  # chains relabelled at least once in the last forward
         cap = math.inf if self.sigma_cap is None else self.sigma_cap
         self.churn_capped_levels = sum(s * (1 + self._churn(s)) > cap for s in self.sigmas[:-1])
         if self.churn_capped_levels:
@@ -273,7 +281,13 @@ class DiffusionSeparator(nn.Module):
         def record(x):
             errors.append((target - (alpha * x).sum(dim=1, keepdim=True)).pow(2).mean(dim=(1, 2)))
 
+        pending = [s for s in self.relabel_sigmas]
+        relabelled = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
         for sigma, sigma_next in zip(self.sigmas[:-1], self.sigmas[1:]):
+            if pending and sigma <= pending[0] and sigma_next > 0:  # once per listed sigma, at the first level below it
+                pending = [s for s in pending if s < sigma]
+                x, moved = relabel(self.score_model, x, sigma, self.alpha)
+                x, relabelled = project(x), relabelled | moved
             if sigma_next == 0:  # Langevin at sigma_min before the last step to 0
                 eta = self.langevin_eta * sigma**2
                 for _ in range(self.langevin_steps):
@@ -286,6 +300,7 @@ class DiffusionSeparator(nn.Module):
                 record(x)
                 x = ode_step(x, sigma, sigma_next)
         self.nonfinite_steps = int(nonfinite)
+        self.relabelled_chains = int(relabelled.sum())
         mix_error = torch.stack(errors, dim=1).view(batch, n_chains, -1).mean(dim=1)
         trace = {"mix_error": mix_error, "loglik": torch.full_like(mix_error, math.nan)}
         return x.view(batch, n_chains, n_sources, length), trace
