@@ -104,6 +104,9 @@ def summary_markdown(results):
     per_second = f" ({per_second:.2f} s per second of mixture)" if per_second is not None else ""
     lines += ["", f"Wall time {results['seconds']:.1f} s{per_second}; non-finite prior gradients skipped: "
               f"{results['nonfinite_prior_gradients']}.", ""]
+    if results.get("relabelled_chains"):
+        lines[-1:] = [f"Chains relabelled by the priors at least once: {results['relabelled_chains']} of "
+                      f"{results['count'] * results['n_chains']}.", ""]
     return "\n".join(lines)
 
 

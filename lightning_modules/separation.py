@@ -63,6 +63,7 @@ class SeparationModule(pl.LightningModule):
         self.register_buffer("count", torch.zeros((), dtype=torch.float64))
         self.register_buffer("samples", torch.zeros((), dtype=torch.float64))  # mixture samples separated
         self.register_buffer("nonfinite_steps", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("relabelled_chains", torch.zeros((), dtype=torch.float64))  # diffusion relabelling
         self.rows, self.results, self.started = [], None, None
 
     def method_names(self):
@@ -75,7 +76,8 @@ class SeparationModule(pl.LightningModule):
         return names
 
     def on_test_epoch_start(self):
-        for buffer in (self.trace_loglik, self.trace_mix_error, self.count, self.samples, self.nonfinite_steps):
+        for buffer in (self.trace_loglik, self.trace_mix_error, self.count, self.samples, self.nonfinite_steps,
+                       self.relabelled_chains):
             buffer.zero_()
         self.rows, self.started = [], time.time()
 
@@ -90,6 +92,7 @@ class SeparationModule(pl.LightningModule):
         self.count += mix.shape[0]
         self.samples += mix.numel()
         self.nonfinite_steps += self.separator.nonfinite_steps
+        self.relabelled_chains += getattr(self.separator, "relabelled_chains", 0)
         with torch.autocast(self.device.type, enabled=False), torch.no_grad():
             batch_size, n_chains, n_sources, length = estimates.shape
             selection = selection_scores(self.selection_prior, estimates.flatten(0, 1)).view(batch_size, n_chains, -1)
@@ -172,7 +175,9 @@ class SeparationModule(pl.LightningModule):
             "count": int(count.item()), "seconds": seconds, "seconds_per_audio_second": seconds / audio_seconds,
             "selection": selection_kind(self.selection_prior), "mixing": self.mixing, "protocol": self.protocol,
             **({"window": self.window, "hop": self.hop} if self.protocol == "windowed" else {}),
-            "nonfinite_prior_gradients": nonfinite, "summary": summarize(rows, self.method_names()),
+            "nonfinite_prior_gradients": nonfinite,
+            "relabelled_chains": int(reduce(self.relabelled_chains.clone(), reduce_op="sum").item()),
+            "summary": summarize(rows, self.method_names()),
             "rows": rows, "trace": trace,
         }
         for name, stats in self.results["summary"].items():

@@ -592,6 +592,19 @@ def test_the_selected_chain_is_the_score_familys_denoising_choice(score_run):
         assert written == pytest.approx(float(scores.max()), rel=1e-4)
 
 
+def test_relabelling_reaches_the_sampler_and_the_summary(score_run):
+    options = ["separation.n_test=2", "separation.museval=false", "separation.diffusion_constraint=projected",
+               "separation.diffusion_relabel_sigmas=[0.5,0.05]", "separation.name=relabel"]
+    config = load_config("toy_flow", "default", score_run + DIFFUSION + options)
+    separator = build_separator(config)[0]
+    assert separator.relabel_sigmas == [0.5, 0.05] and separator.constraint == "projected"
+    results, out_dir = run_separation(config)
+    assert 0 <= results["relabelled_chains"] <= 2 * 3
+    assert json.loads((out_dir / "summary.json").read_text())["relabelled_chains"] == results["relabelled_chains"]
+    for row in read_rows(out_dir):
+        assert float(row["mix_error"]) < 1e-10, row  # relabelled or not, every estimate mixes back
+
+
 def test_the_table_reuses_a_finished_entry_from_before_an_option_existed(tmp_path):
     from experiments.config import to_dict
     from experiments.separation_table import finished_results
