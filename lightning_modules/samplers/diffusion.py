@@ -23,12 +23,13 @@ denoise call is needed). The posterior score is approximated in one of two ways:
 * ``projected``: the same constraint m = g(x), treated symmetrically. All sources are free; every
   update (noise included) is projected orthogonally onto the plane g(x) = m,
 
-      P(v)_k = v_k - alpha_k (sum_j alpha_j v_j) / |alpha|^2,   x <- x + alpha (m - g(x)) / |alpha|^2,
+      x <- x + alpha (m - g(x)) / |alpha|^2,
 
-  so the posterior score is the prior scores' projection P(s). It is the Dirac posterior's density
-  in orthogonal coordinates: no source is derived, so none carries the others' errors and noise
-  (Dirac's last source has noise sqrt(N - 1) sigma for equal weights; here every source has
-  sigma sqrt(1 - alpha_k^2 / |alpha|^2)), and the step's curvature stays 1 / sigma^2.
+  which leaves the prior scores' component inside the plane: the Dirac posterior's density in orthogonal
+  coordinates. No source is derived, so none carries the others' errors (Dirac's last source has noise
+  sqrt(N - 1) sigma for equal weights). Projection shrinks the noise to (N - 1) / N of sigma^2 per source on
+  average, so noise draws are scaled by sqrt(N / (N - 1)) and score steps by N / (N - 1); for two equal
+  weights the sampler is then exactly the Dirac one.
 * ``gaussian``: m = g(x) + N(0, gamma^2), gamma = gamma_scale * sigma; all sources are free and
 
       grad_{x_k} log p(x | m) = s_k(x_k) + alpha_k (m - g(x)) / gamma^2.
@@ -45,7 +46,7 @@ sigma_min up to the O(eta) bias of the discretisation.
 
 Step sizes. A prior's score has curvature at most 1 / sigma^2; the Dirac posterior score's is up to
 c / sigma^2 with c = 1 + sum_{k<N-1} (alpha_k / alpha_{N-1})^2 (N for equal weights); the gaussian one
-has c = 1 + |alpha|^2 / gamma_scale^2; the projected one c = 1. An Euler or Heun step multiplies that direction by about
+has c = 1 + |alpha|^2 / gamma_scale^2; the projected one c = N / (N - 1). An Euler or Heun step multiplies that direction by about
 1 - c (1 - sigma_{i+1} / sigma_hat), so it is stable only if sigma_{i+1} / sigma_hat > 1 - 2 / c
 (> 1/2 for four equal weights): use enough steps, more with churn.
 
@@ -213,11 +214,19 @@ class DiffusionSeparator(nn.Module):
         def noise():
             return draw(torch.randn)
 
+        def fresh():  # noise for the free sources, scaled so that each has (on average) variance sigma^2
+            return noise() * free * spread
+
         alpha = self.alpha.view(1, -1, 1)
         target = mix.float().repeat_interleave(n_chains, dim=0).unsqueeze(1)  # [B * C, 1, T]
         dirac = self.constraint == "dirac"
         projected = self.constraint == "projected"
         alpha_norm2 = alpha.pow(2).sum()
+        # Projected noise has per-source variance sigma^2 (1 - alpha_k^2 / |alpha|^2), (N - 1) / N of sigma^2 on
+        # average: every noise draw is scaled up by spread and every score step by spread^2 (a scalar
+        # preconditioner, the same posterior), so the denoisers see the noise level they are asked at. For two
+        # equal weights this is exactly the Dirac sampler.
+        spread = math.sqrt(n_sources / (n_sources - 1)) if projected else 1.0
         # Which sources are free: noise and updates touch only those (dirac: all but the last).
         free = torch.ones_like(alpha)
         if dirac:
@@ -247,7 +256,7 @@ class DiffusionSeparator(nn.Module):
             if dirac:  # chain rule through x_{N-1}(x); the last source itself does not move
                 post = (score - ratio * score[:, -1:]) * free
             elif projected:  # the projection after every update removes the part normal to the plane
-                post = score
+                post = spread**2 * score
             else:
                 gamma = self.gamma_scale * sigma
                 post = score + alpha * (target - (alpha * x).sum(dim=1, keepdim=True)) / gamma**2
@@ -259,7 +268,7 @@ class DiffusionSeparator(nn.Module):
             if self.sigma_cap is not None:  # churn must not leave the trained range (EDM's churn ignores it)
                 sigma_hat = min(sigma_hat, max(sigma, self.sigma_cap))
             if sigma_hat > sigma:
-                x = project(x + math.sqrt(sigma_hat**2 - sigma**2) * self.s_noise * noise() * free)
+                x = project(x + math.sqrt(sigma_hat**2 - sigma**2) * self.s_noise * fresh())
             score, _ = posterior_score(x, sigma_hat)
             slope = -sigma_hat * score  # dx/dsigma = -sigma * score
             x_next = project(x + (sigma_next - sigma_hat) * slope)
@@ -270,7 +279,7 @@ class DiffusionSeparator(nn.Module):
                 x_next = project(x + (sigma_next - sigma_hat) * 0.5 * (slope + slope_next))
             return x_next
 
-        x = noise() * self.sigmas[0] * free
+        x = fresh() * self.sigmas[0]
         if self.init == "mixture":  # the Average baseline: every source gets m / (N alpha_k)
             x = x + target / (n_sources * alpha)
         if self.initializer is not None:  # e.g. a sample of the variational posterior
@@ -293,10 +302,10 @@ class DiffusionSeparator(nn.Module):
                 for _ in range(self.langevin_steps):
                     record(x)
                     score, _ = posterior_score(x, sigma)
-                    x = project(x + eta * score + math.sqrt(2 * eta) * noise() * free)
+                    x = project(x + eta * score + math.sqrt(2 * eta) * fresh())
             for repeat in range(1 + (self.corrections if sigma_next > 0 else 0)):
                 if repeat:  # ISDM correction: back from sigma_next to sigma with fresh noise, redo
-                    x = project(x + math.sqrt(sigma**2 - sigma_next**2) * noise() * free)
+                    x = project(x + math.sqrt(sigma**2 - sigma_next**2) * fresh())
                 record(x)
                 x = ode_step(x, sigma, sigma_next)
         self.nonfinite_steps = int(nonfinite)
