@@ -25,7 +25,7 @@ VALIDATION_SET = ["separation.split=val", "separation.n_test=32", "separation.le
                   "separation.algorithm=diffusion"]
 ISDM = ["separation.diffusion_solver=euler", "separation.diffusion_steps=150", "separation.diffusion_churn=40",
         "separation.diffusion_corrections=2", "separation.diffusion_constraint=dirac",
-        "separation.diffusion_sigma_max=1.0"]
+        "separation.diffusion_sigma_max=1.0", "separation.diffusion_relabel_sigmas=[]"]
 PROJECTED = ISDM + ["separation.diffusion_constraint=projected"]
 RELABEL = "separation.diffusion_relabel_sigmas=[0.5,0.3,0.2,0.1,0.05]"
 CANDIDATES = {

@@ -280,6 +280,11 @@ class DiffusionSeparator(nn.Module):
             return x_next
 
         x = fresh() * self.sigmas[0]
+        if projected and self.init == "noise" and self.initializer is None:
+            # As under Dirac, the last source starts with the mixture and the others at noise around 0. The
+            # projection of pure noise would start every source at the mixture, symmetric between the sources,
+            # and the chains separate far worse from there (validation sine + square: +14 dB against +43).
+            x[:, -1:] = x[:, -1:] + target / alpha[:, -1:]
         if self.init == "mixture":  # the Average baseline: every source gets m / (N alpha_k)
             x = x + target / (n_sources * alpha)
         if self.initializer is not None:  # e.g. a sample of the variational posterior
