@@ -70,8 +70,8 @@ def test_the_separator_relabels_once_per_listed_sigma_and_keeps_the_constraint()
     relabel_levels = [s for s in separator.sigmas[:-2] if prior.calls.count(s) == 2]
     expected = [next(s for s in separator.sigmas if s <= limit) for limit in (2.0, 0.5, 0.05)]
     assert relabel_levels == expected
-    torch.testing.assert_close((alpha.view(1, 1, 3, 1) * samples).sum(dim=2), mix.view(1, 1, 32).expand(1, 2, 32), atol=1e-5,
-                               rtol=0)
+    mixed = (alpha.view(1, 1, 3, 1) * samples).sum(dim=2)
+    torch.testing.assert_close(mixed, mix.view(1, 1, 32).expand(1, 2, 32), atol=1e-5, rtol=0)
 
 
 def test_relabelling_needs_a_selection_score():

@@ -13,7 +13,6 @@ sees another prior's channels. The output conv starts at zero, so the untrained 
 """
 import math
 
-import torch
 from torch import nn
 
 from lightning_modules.nn.denoiser_net import fold, unfold

@@ -46,9 +46,9 @@ sigma_min up to the O(eta) bias of the discretisation.
 
 Step sizes. A prior's score has curvature at most 1 / sigma^2; the Dirac posterior score's is up to
 c / sigma^2 with c = 1 + sum_{k<N-1} (alpha_k / alpha_{N-1})^2 (N for equal weights); the gaussian one
-has c = 1 + |alpha|^2 / gamma_scale^2; the projected one c = N / (N - 1). An Euler or Heun step multiplies that direction by about
-1 - c (1 - sigma_{i+1} / sigma_hat), so it is stable only if sigma_{i+1} / sigma_hat > 1 - 2 / c
-(> 1/2 for four equal weights): use enough steps, more with churn.
+has c = 1 + |alpha|^2 / gamma_scale^2; the projected one c = N / (N - 1). An Euler or Heun step multiplies
+that direction by about 1 - c (1 - sigma_{i+1} / sigma_hat), so it is stable only if
+sigma_{i+1} / sigma_hat > 1 - 2 / c (> 1/2 for four equal weights): use enough steps, more with churn.
 
 Trained range. No sigma asked of the score model exceeds the largest it was trained at
 (``largest_trained_sigma``): sigma_max is capped there, with a warning, and churn never raises sigma_hat
