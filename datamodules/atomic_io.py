@@ -4,6 +4,7 @@ Readers (a dashboard, a resumed run) see either the old or the new file, never a
 even if the process is killed or serialisation raises half-way.
 """
 import contextlib
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -40,3 +41,12 @@ def atomic_write(path, write: Callable[[IO], None], binary: bool = False) -> Pat
 
 def atomic_write_text(path, text: str) -> Path:
     return atomic_write(path, lambda stream: stream.write(text))
+
+
+def file_sha256(path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB blocks (checkpoints and audio can be large)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -9,7 +9,6 @@ Each stage resumes from its own ``last.ckpt`` and is skipped once its ``done.jso
 which stage-1 checkpoint it was started from and refuses to continue on a different one.
 """
 import copy
-import hashlib
 import json
 import logging
 from pathlib import Path
@@ -17,7 +16,7 @@ from pathlib import Path
 import pytorch_lightning as pl
 
 from callbacks.atomic_checkpoint_io import read_checkpoint
-from datamodules.atomic_io import atomic_write_text
+from datamodules.atomic_io import atomic_write_text, file_sha256
 from datamodules.registry import build_datamodule, dataset_mixing
 from experiments.config import ConfigError, to_dict
 from experiments.fitting import family_data, family_sources, fit
@@ -83,14 +82,6 @@ def load_finished(module, run_dir):
     module.load_state_dict(state)
 
 
-def digest(path):
-    sha = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            sha.update(block)
-    return sha.hexdigest()
-
-
 def train_latent_priors(config, pooled=False):
     """Stage 2: the per-source Transformers over the codes of the finished stage-1 LQ-VAE (``pooled``: one
     Transformer over every source's codes, the pooled prior of the discrimination report)."""
@@ -103,7 +94,7 @@ def train_latent_priors(config, pooled=False):
                                 f"(make train-lqvae EXPERIMENT={config.experiment} PRESET={config.preset})")
     run_dir = prior_dir(config, 0.0, pooled=pooled)
     source_file = run_dir / "lqvae_source.json"
-    stage1_digest = digest(stage1 / "last.ckpt")
+    stage1_digest = file_sha256(stage1 / "last.ckpt")
     pl.seed_everything(config.seed, workers=True)
     module = LatentPriorModule(
         model=to_dict(config.model), sources=family_sources(config, pooled), lr=config.optim.lr,

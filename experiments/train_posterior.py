@@ -17,14 +17,13 @@ import torch
 from omegaconf import OmegaConf
 
 from callbacks.atomic_checkpoint_io import read_checkpoint
-from datamodules.atomic_io import atomic_write_text
+from datamodules.atomic_io import atomic_write_text, file_sha256
 from datamodules.mixtures_only import MixtureDataModule
 from datamodules.registry import build_datamodule, dataset_mixing
 from experiments.config import ConfigError, to_dict
 from experiments.fitting import fit
 from experiments.run_layout import (canonical_sigma, experiment_dir, finished_priors, is_done, load_prior,
                                    no_prior_error, prior_dir)
-from experiments.train_lqvae import digest
 from lightning_modules.samplers.mixing import mixing_weights
 from lightning_modules.samplers.level_score import log_distance
 from lightning_modules.nn.source_subset import SourceSubset
@@ -87,7 +86,7 @@ def resolve_prior(config):
 def source_record(config, sources):
     directory, sigma, score_sigma = resolve_prior(config)
     return {"prior_dir": str(directory), "prior_sigma": sigma, "score_sigma": score_sigma,
-            "sha256": digest(directory / "last.ckpt"), "sources": sources}
+            "sha256": file_sha256(directory / "last.ckpt"), "sources": sources}
 
 
 def build_module(config, sources, record):

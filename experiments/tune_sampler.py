@@ -48,7 +48,6 @@ CANDIDATES = {
     "projected-sigma-max-3": PROJECTED + ["separation.diffusion_sigma_max=3.0"],
     "isdm-gaussian-0.5": ISDM + ["separation.diffusion_constraint=gaussian", "separation.diffusion_gamma_scale=0.5"],
     "projected-corrections-5": PROJECTED + ["separation.diffusion_corrections=5"],
-    "projected": ["separation.diffusion_constraint=projected"],
     "projected-relabel": PROJECTED + [RELABEL],
     "isdm-relabel": ISDM + [RELABEL],
     "projected-relabel-dense": PROJECTED + ["separation.diffusion_relabel_sigmas=[1.0,0.7,0.5,0.4,0.3,0.2,0.15,0.1,"

@@ -13,7 +13,6 @@ nothing. Otherwise (another request, an interrupted build) the folder's demo fil
 again: the same request always gives the same bytes. A non-empty folder that holds neither marker is never
 touched.
 """
-import hashlib
 import json
 import math
 import shutil
@@ -23,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from datamodules.atomic_io import atomic_write_text
+from datamodules.atomic_io import atomic_write_text, file_sha256
 from datamodules.demo_data import catalogue, fluidsynth, layouts
 from datamodules.demo_data.arrangement import arrange
 from datamodules.demo_data.licences import readme_text
@@ -158,14 +157,6 @@ def prepare_root(root, request, versions):
     return "build"
 
 
-def sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def versions_of(program):
     import music21
 
@@ -200,7 +191,7 @@ def build_demo_data(root, songs=48, seconds=30.0, seed=0, jobs=1, paths=None, lo
         "splits": {split: [song.number for song in plan if song.split == split] for split in SPLIT_ORDER},
         "songs": [{"number": s.number, "split": s.split, "musdb": s.musdb_name, "slakh": s.track_name,
                    "corpus_path": s.piece.path, "window": s.window} for s in plan],
-        "files": {p.relative_to(root).as_posix(): sha256(p) for p in files},
+        "files": {p.relative_to(root).as_posix(): file_sha256(p) for p in files},
     }
     atomic_write_text(root / MARKER, json.dumps(marker, indent=1, sort_keys=True) + "\n")
     (root / BUILDING).unlink()

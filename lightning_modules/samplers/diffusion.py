@@ -295,7 +295,7 @@ class DiffusionSeparator(nn.Module):
         def record(x):
             errors.append((target - (alpha * x).sum(dim=1, keepdim=True)).pow(2).mean(dim=(1, 2)))
 
-        pending = [s for s in self.relabel_sigmas]
+        pending = list(self.relabel_sigmas)
         relabelled = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
         for sigma, sigma_next in zip(self.sigmas[:-1], self.sigmas[1:]):
             if pending and sigma <= pending[0] and sigma_next > 0:  # once per listed sigma, at the first level below it
