@@ -1,19 +1,21 @@
 """musdb18 (paper 003 §3.1): 100 train / 50 test songs with drums, bass, other and vocals stems.
 
-Both releases are read with the ``musdb`` package: the STEMS release (``<split>/<track>.stem.mp4``,
-decoded by ffmpeg) and MUSDB18-HQ (``<split>/<track>/<stem>.wav``, ``is_wav=True``). The validation
+The STEMS release (``<split>/<track>.stem.mp4``) is read with the ``musdb`` package (decoded by ffmpeg);
+MUSDB18-HQ (``<split>/<track>/<stem>.wav``, ``is_wav=True``) with soundfile, each stem at its own rate and
+channel count (musdb's track objects would force the mixture's on every stem). The validation
 split is musdb's own list of 14 training songs (its ``mus.yaml``). A tree of one's own songs in these
 layouts holds none of them: then the last tenth of the training songs in sorted name order (at least
 one, never all) is the validation split, with a warning. Stems are downmixed to mono and
 resampled once (datamodules/resample.py), then served from the stem cache. ``musdb.DB`` is not used to list
 the songs: it probes every file with ffprobe on each start, and one corrupt file would stop it; we
-list the folders ourselves and build musdb's track objects one song at a time.
+list the folders ourselves and build musdb's track objects (STEMS) one song at a time.
 """
 import logging
 from pathlib import Path
 
 import musdb
 import numpy as np
+import soundfile
 import yaml
 
 from datamodules.stem_datamodule import DatasetLayoutError, StemDataModule, Track, dataset_root, to_mono
@@ -60,15 +62,23 @@ def detect_is_wav(folder):
 
 
 def decode_track(name, path, is_wav, stem_files, sample_rate, setup):
-    """[4, T] float32, rows in STEMS order, mono at ``sample_rate``, read through musdb's track objects."""
-    track = musdb.MultiTrack(path=str(path), name=name, is_wav=is_wav,
-                             stem_id=setup["stem_ids"]["mixture"])
-    if track.rate is None:
-        raise OSError(f"cannot read {path}")
-    stems = []
-    for stem, file in zip(STEMS, stem_files):
-        audio = musdb.Source(track, name=stem, path=str(file), stem_id=setup["stem_ids"][stem]).audio
-        stems.append(to_mono(audio, track.rate, sample_rate))
+    """[4, T] float32, rows in STEMS order, mono at ``sample_rate``: .stem.mp4 through musdb's track objects,
+    HQ .wav stems each with soundfile at its own rate and channel count."""
+    if is_wav:
+        # Not through musdb: its track objects decode every .wav stem at the mixture's rate and reshape it to
+        # the mixture's channel count without converting, so a mono stem beside a stereo mixture came out at
+        # half its length and twice its pitch.
+        stems = [to_mono(*soundfile.read(str(file), dtype="float32", always_2d=True), sample_rate)
+                 for file in stem_files]
+    else:
+        track = musdb.MultiTrack(path=str(path), name=name, is_wav=is_wav,
+                                 stem_id=setup["stem_ids"]["mixture"])
+        if track.rate is None:
+            raise OSError(f"cannot read {path}")
+        stems = []
+        for stem, file in zip(STEMS, stem_files):
+            audio = musdb.Source(track, name=stem, path=str(file), stem_id=setup["stem_ids"][stem]).audio
+            stems.append(to_mono(audio, track.rate, sample_rate))
     length = min(len(s) for s in stems)  # AAC padding can differ by a frame between streams
     array = np.stack([s[:length].numpy() for s in stems])
     if not np.isfinite(array).all():
@@ -130,5 +140,7 @@ class MusdbDataModule(StemDataModule):
 
         # The fingerprint needs existing files; a missing one is reported by decode() and skipped.
         present = [f for f in files if f.is_file()] or [folder]
-        return Track(name=name, files=present, decode=decode, options={"dataset": "musdb18", "stems": list(STEMS),
-                                                                        "is_wav": is_wav})
+        options = {"dataset": "musdb18", "stems": list(STEMS), "is_wav": is_wav}
+        if is_wav:  # a new key: HQ entries decoded through musdb (see decode_track) are rebuilt, STEMS ones kept
+            options["reader"] = "soundfile"
+        return Track(name=name, files=present, decode=decode, options=options)

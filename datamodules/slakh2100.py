@@ -2,11 +2,14 @@
 
 Each track folder holds ``metadata.yaml`` (``stems: {S00: {inst_class: Guitar, audio_rendered: true}}``)
 and ``stems/Sxx.flac`` (or ``Sxx.wav``, or any other format soundfile reads: converted copies of the dataset
-are common; where one stem has several, ``.flac`` is preferred, then ``.wav``). A source is an ``inst_class`` (matched case-insensitively); several stems of
-one class in a track are summed. Tracks lacking any requested class are left out (every frame of
-theirs would be silent for that class). Splits are the dataset's own ``train/``, ``validation/`` and
+are common; where one stem has several, ``.flac`` is preferred, then ``.wav``). A source is an ``inst_class``
+(matched case-insensitively); the rendered stems of one class in a track are summed, each first downmixed
+and resampled from its own rate. Tracks lacking any requested class are left out with a warning (every frame
+of theirs would be silent for that class). Splits are the dataset's own ``train/``, ``validation/`` and
 ``test/`` folders. Audio is read with soundfile, downmixed to mono and resampled (datamodules/resample.py).
 """
+import logging
+
 import numpy as np
 import soundfile
 import yaml
@@ -17,6 +20,7 @@ DEFAULT_CLASSES = ("drums", "bass", "guitar", "piano")
 FOLDERS = {"train": "train", "val": "validation", "test": "test"}
 LAYOUT = """  $SLAKH_ROOT/{train,validation,test}/TrackNNNNN/metadata.yaml   (stems: {S00: {inst_class: Bass, ...}, ...})
   $SLAKH_ROOT/{train,validation,test}/TrackNNNNN/stems/S00.flac, S01.flac, ...   (or .wav, any soundfile format)"""
+log = logging.getLogger(__name__)
 # File extensions soundfile reads (its format names, and the usual aliases); the first two are preferred.
 READABLE = ["flac", "wav"] + sorted({f.lower() for f in soundfile.available_formats()} - {"flac", "wav"}
                                     | {"aif", "oga"})
@@ -76,16 +80,30 @@ class SlakhDataModule(StemDataModule):
         track_folders = sorted(p for p in folder.iterdir() if p.is_dir())
         if not track_folders:
             raise DatasetLayoutError(f"no track folder in {folder}. Expected layout:\n{LAYOUT}")
-        tracks, classes_seen = [], set()
+        tracks, classes_seen, lacking = [], set(), {}  # lacking: requested class -> tracks without it
         for track_folder in track_folders:
             track, seen = self.track(track_folder)
             classes_seen |= seen
             if track is not None:
                 tracks.append((track, list(range(len(self.sources)))))
+            else:
+                for name in self.sources:
+                    if name not in seen:
+                        lacking.setdefault(name, []).append(track_folder.name)
         if not tracks:
+            absent = [name for name in self.sources if name not in classes_seen]
+            why = (f"{absent} {'is' if len(absent) == 1 else 'are'} in no track of the {split} split" if absent else
+                   f"each class is in some track of the {split} split, never all in one")
             raise DatasetLayoutError(
                 f"no track in {folder} has every requested class {self.sources} "
-                f"(classes found: {sorted(classes_seen) or 'none'}). Expected layout:\n{LAYOUT}")
+                f"(classes found: {sorted(classes_seen) or 'none'}): {why}. Choose data.sources among the classes "
+                f"found (a track must have them all). Expected layout:\n{LAYOUT}")
+        if lacking:
+            # One line per split: on the real dataset many tracks lack one of four classes; name a few of each.
+            examples = "; ".join(f"no {name}: {', '.join(names[:5])}" + f" and {len(names) - 5} more" * (len(names) > 5)
+                                 for name, names in lacking.items())
+            log.warning("slakh2100 %s: %d of %d tracks lack a requested class and are left out (%s)", split,
+                        len(track_folders) - len(tracks), len(track_folders), examples)
         return tracks
 
     def track(self, track_folder):

@@ -61,6 +61,13 @@ def dataset_root(root, env_var, dataset, layout):
     return root
 
 
+def describe_silence(silent, length):
+    """A left-out song's reason, from StemDataModule.silent_throughout."""
+    if silent is None:
+        return f"shorter than {length} samples"
+    return f"silent throughout: {', '.join(silent)}" if silent else "its sources never sound in the same frame"
+
+
 class SummedSongArrays(SongArrays):
     """The songs' frames with the mix a real song has: the sum of its stems (SongArrays serves their mean)."""
 
@@ -130,20 +137,44 @@ class StemDataModule(SplitDataModule):
                                      + "; ".join(failures[:5]) + f". Expected layout:\n{self.layout}")
         return SummedSongArrays(paths, rows), names
 
+    def silent_throughout(self, songs, song, length):
+        """The requested sources with no non-silent frame in the song (None when it is shorter than a frame)."""
+        if songs.n_samples(song) < length:
+            return None
+        return [self.sources[k] for k in songs.silent_sources(song, length, self.silence_threshold)]
+
+    def no_frame_message(self, split, length, left_out):
+        """The error when no song of a split serves a frame: which sources are to blame, and the ways out."""
+        where = f"no {length}-sample frame of the {self.dataset_name} {split} split"
+        long_enough = [silent for silent in left_out.values() if silent is not None]
+        if not long_enough:
+            return (f"{where} fits in a song: every song is shorter than {length} samples at {self.sample_rate} Hz; "
+                    f"lower data.crop_length / data.eval_length")
+        # The usual case: a class absent from the whole split (a musdb stem of zeros, a Slakh class rendered silent).
+        always = [s for s in self.sources if all(s in silent for silent in long_enough)]
+        blame = (f"{always} {'is' if len(always) == 1 else 'are'} silent in every song" if always else
+                 "each song has a silent source: " + "; ".join(f"{name} ({describe_silence(silent, length)})"
+                                                               for name, silent in list(left_out.items())[:5]))
+        return (f"{where} has every source of {self.sources} sounding under data.silence_threshold="
+                f"{self.silence_threshold} (a frame is dropped when ||x_k||_2 / length is below it for any source k): "
+                f"{blame}. Choose other data.sources (without the silent ones) or lower data.silence_threshold "
+                f"(0 keeps every frame)")
+
     def dataset(self, split):
         if split not in self.datasets:
             songs, names = self.load_songs(split)
             length = self.crop_length if split == "train" else self.eval_length
             starts = [songs.valid_starts(i, length, self.silence_threshold) for i in range(len(songs))]
-            silent = [name for name, s in zip(names, starts) if len(s) == 0]
-            if silent:
-                log.warning("%s %s: no non-silent %d-sample frame in %s; left out",
-                            self.dataset_name, split, length, ", ".join(silent))
+            # name -> the requested sources silent throughout it (None: shorter than one frame)
+            left_out = {name: self.silent_throughout(songs, i, length) for i, name in enumerate(names)
+                        if not len(starts[i])}
+            if left_out:
+                log.warning("%s %s: no non-silent %d-sample frame in %s; left out", self.dataset_name, split, length,
+                            ", ".join(f"{name} ({describe_silence(silent, length)})"
+                                      for name, silent in left_out.items()))
             kept = [(i, s) for i, s in enumerate(starts) if len(s)]
             if not kept:
-                raise DatasetLayoutError(f"every {length}-sample frame of the {self.dataset_name} {split} split "
-                                         f"is silent under data.silence_threshold={self.silence_threshold}; "
-                                         "lower it (0 keeps every frame) or check the stems")
+                raise DatasetLayoutError(self.no_frame_message(split, length, left_out))
             songs = SummedSongArrays([songs.paths[i] for i, _ in kept], songs.rows)
             starts = [s for _, s in kept]
             if split == "train":

@@ -47,6 +47,14 @@ def valid_starts(song, length, threshold, rows=None):
     return np.flatnonzero(keep) * frame_stride(length)
 
 
+def silent_rows(song, length, threshold, rows=None):
+    """Positions (in ``rows``) of the sources silent in every frame of the song: what a warning or an error
+    names when the song serves no frame."""
+    norms = frame_norms(song, length, frame_stride(length))
+    norms = norms[rows] if rows is not None else norms
+    return [k for k in range(norms.shape[0]) if not (norms[k] >= threshold).any()]
+
+
 class SongArrays:
     """The cached songs, rows ``rows`` of each (the selected sources). Opened lazily in each process:
     a pickled memory map would be copied whole into every DataLoader worker, a path is not."""
@@ -69,6 +77,12 @@ class SongArrays:
 
     def valid_starts(self, song, length, threshold):
         return valid_starts(self.array(song), length, threshold, self.rows)
+
+    def silent_sources(self, song, length, threshold):
+        return silent_rows(self.array(song), length, threshold, self.rows)
+
+    def n_samples(self, song):
+        return self.array(song).shape[1]
 
     def __len__(self):
         return len(self.paths)
