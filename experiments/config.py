@@ -152,6 +152,10 @@ class PosteriorConfig:
     prior_sigma: float = 0.0  # the frozen prior: the level fine-tuned at this sigma (0 = noiseless);
     # score priors: the sigma at which their score stands in for the gradient of log p
     prior_levels: str = "exact"  # exact | nearest (the finished level nearest in log-sigma, either layout)
+    # Coarse to fine while training, e.g. [0.3,0.1,0.077]: max_steps split into len(list) equal stages, each
+    # against the level at its sigma (matched as prior_sigma is; replaces prior_sigma). The finished posterior
+    # belongs to the last level, which validation and separation use. None = the one level of prior_sigma.
+    prior_sigmas: Optional[List[float]] = None
     # PosteriorNetConfig (lightning_modules/nn/posterior_net.py):
     width: int = 32
     n_layers: int = 10
@@ -367,6 +371,13 @@ def check_request(config):
         if steps <= 0:
             raise ConfigError(f"{key} must be a positive number of steps, got {steps}; a run with no steps "
                               f"would be marked finished untrained")
+    if config.posterior.prior_sigmas is not None:  # positive, strictly descending, a step for each
+        from lightning_modules.nn.prior_schedule import check_sigmas
+
+        try:
+            check_sigmas(list(config.posterior.prior_sigmas), config.posterior.max_steps)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
 
 
 def check_name(key, value):

@@ -6,8 +6,11 @@
 
 The priors are the run's finished ones, frozen: the level fine-tuned at ``posterior.prior_sigma`` (0 = the
 noiseless prior), or the nearest finished level with ``posterior.prior_levels=nearest``; a score prior
-serves its score at that sigma. The training mixtures come without their sources
-(datamodules/mixtures_only.py). Rerunning an interrupted command resumes; a changed prior is refused.
+serves its score at that sigma. ``posterior.prior_sigmas`` (a descending list) replaces that one level by a
+coarse-to-fine schedule during training (lightning_modules/nn/prior_schedule.py); the finished posterior
+belongs to its last level, which validation and separation use. The training mixtures come without their
+sources (datamodules/mixtures_only.py). Rerunning an interrupted command resumes; a changed prior (at any
+level) is refused.
 """
 import json
 import logging
@@ -27,7 +30,8 @@ from experiments.run_layout import (canonical_sigma, experiment_dir, finished_pr
 from lightning_modules.samplers.mixing import mixing_weights
 from lightning_modules.samplers.level_score import log_distance
 from lightning_modules.nn.source_subset import SourceSubset
-from lightning_modules.posterior_module import PosteriorModule
+from lightning_modules.nn.prior_schedule import PriorSchedule
+from lightning_modules.posterior_module import FROZEN_PREFIXES, PosteriorModule
 from lightning_modules.prior_registry import is_noise_conditional
 
 log = logging.getLogger(__name__)
@@ -47,8 +51,7 @@ def posterior_dir(config, sources, name=None):
     return experiment_dir(config) / "posterior" / (name or config.posterior.name or "-".join(sources))
 
 
-def resolve_prior(config):
-    """(prior directory, its sigma, score sigma or None): the frozen prior the ELBO scores samples with."""
+def check_family(config):
     post, family = config.posterior, config.model.name
     if family == "lqvae":
         raise ConfigError("the LQ-VAE family's priors score discrete codes, with no gradient for the posterior's "
@@ -56,9 +59,21 @@ def resolve_prior(config):
     if family == "wavenet" and (config.model.likelihood or "mulaw") == "mulaw":
         raise ConfigError("a mu-law WaveNet scores discrete classes, with no gradient for the posterior's samples; "
                           "train a run with model.likelihood=smoothed")
-    sigma = canonical_sigma(post.prior_sigma) if post.prior_sigma > 0 else 0.0
     if post.prior_levels not in ("exact", "nearest"):
         raise ConfigError(f"unknown posterior.prior_levels {post.prior_levels!r}; choose 'exact' or 'nearest'")
+
+
+def resolve_prior(config):
+    """(prior directory, its sigma, score sigma or None): the frozen prior the ELBO scores samples with."""
+    check_family(config)
+    return resolve_level(config, config.posterior.prior_sigma)
+
+
+def resolve_level(config, sigma, scheduled=False):
+    """(prior directory, its sigma, score sigma or None) of the finished prior serving ``sigma``;
+    ``scheduled``: one level of posterior.prior_sigmas (the error names that key)."""
+    post = config.posterior
+    sigma = canonical_sigma(sigma) if sigma > 0 else 0.0
     if is_noise_conditional(to_dict(config.model)):
         if sigma <= 0:
             raise ConfigError("a score prior has no score at sigma 0: set posterior.prior_sigma > 0 (e.g. 0.01)")
@@ -76,36 +91,85 @@ def resolve_prior(config):
         if not matches:
             args = f"EXPERIMENT={config.experiment} PRESET={config.preset}"
             fix = f"make finetune-noise SIGMA={sigma:g} {args}" if sigma else f"make train {args}"
-            raise FileNotFoundError(f"no finished prior at sigma {sigma:g} under {experiment_dir(config)} (finished: "
-                                    f"{[f['sigma'] for f in finished]}); run {fix}, or pass posterior.prior_sigma="
-                                    f"<one of those> or posterior.prior_levels=nearest")
+            other = ("posterior.prior_sigmas=[<some of those, descending>]" if scheduled
+                     else "posterior.prior_sigma=<one of those>")
+            level = f" (a level of posterior.prior_sigmas={list(post.prior_sigmas)})" if scheduled else ""
+            raise FileNotFoundError(f"no finished prior at sigma {sigma:g}{level} under {experiment_dir(config)} "
+                                    f"(finished: {[f['sigma'] for f in finished]}); run {fix}, or pass {other} "
+                                    f"or posterior.prior_levels=nearest")
         chosen = matches[0]
     return Path(chosen["dir"]), chosen["sigma"], None
 
 
 def source_record(config, sources):
-    directory, sigma, score_sigma = resolve_prior(config)
-    return {"prior_dir": str(directory), "prior_sigma": sigma, "score_sigma": score_sigma,
-            "sha256": file_sha256(directory / "last.ckpt"), "sources": sources}
+    """posterior_source.json: the frozen prior (directory, sigma, sha256). With posterior.prior_sigmas, also
+    ``prior_sigmas`` and ``levels`` (one such record per scheduled sigma); the top-level fields are then the
+    last, finest level, the one the finished posterior is used with."""
+    if config.posterior.prior_sigmas is None:  # the single-level record, as before schedules existed
+        directory, sigma, score_sigma = resolve_prior(config)
+        return {"prior_dir": str(directory), "prior_sigma": sigma, "score_sigma": score_sigma,
+                "sha256": file_sha256(directory / "last.ckpt"), "sources": sources}
+    check_family(config)
+    levels, digests = [], {}
+    for wanted in config.posterior.prior_sigmas:
+        directory, sigma, score_sigma = resolve_level(config, wanted, scheduled=True)
+        if directory not in digests:  # a score prior serves every level from one checkpoint
+            digests[directory] = file_sha256(directory / "last.ckpt")
+        levels.append({"sigma": canonical_sigma(wanted), "prior_dir": str(directory), "prior_sigma": sigma,
+                       "score_sigma": score_sigma, "sha256": digests[directory]})
+    last = levels[-1]
+    return {**{key: last[key] for key in ("prior_dir", "prior_sigma", "score_sigma", "sha256")},
+            "sources": sources, "prior_sigmas": [level["sigma"] for level in levels], "levels": levels}
 
 
-def build_module(config, sources, record):
-    prior = load_prior(record["prior_dir"], list(config.data.sources), to_dict(config.model)).prior
-    prior = SourceSubset(prior, list(config.data.sources), sources)
-    post = config.posterior
+def build_module(config, sources, record, schedule=True):
+    """The posterior module with its frozen prior(s); ``schedule=False`` loads only the finest level (the
+    finished posterior's use: validation and separation never see the coarser ones)."""
+    loaded = {}
+
+    def level(directory):  # each directory loaded once, however many levels it serves
+        if directory not in loaded:
+            prior = load_prior(directory, list(config.data.sources), to_dict(config.model)).prior
+            loaded[directory] = SourceSubset(prior, list(config.data.sources), sources)
+        return loaded[directory]
+
+    prior, post = level(record["prior_dir"]), config.posterior
+    prior_schedule = None
+    if schedule and record.get("levels"):
+        sigmas = [entry["sigma"] for entry in record["levels"]]
+        if record["score_sigma"] is not None:
+            prior_schedule = PriorSchedule(sigmas, post.max_steps, score_prior=prior)
+        else:
+            # The coarser levels load off the global RNG stream, so the posterior's initial weights are those of
+            # a single-level run at the finest sigma (same seed): the two fits start from the same point.
+            with torch.random.fork_rng(devices=[]):
+                levels = [level(entry["prior_dir"]) for entry in record["levels"]]
+            prior_schedule = PriorSchedule(sigmas, post.max_steps, levels=levels)
     alpha = mixing_weights(dataset_mixing(config.data.name), len(sources))
+    sigma = record["prior_sigma"] if record["score_sigma"] is None else record["score_sigma"]
     return PosteriorModule(net={key: post[key] for key in NET_KEYS}, sources=sources, alpha=alpha.tolist(),
                            gamma=post.gamma, warmup_steps=post.warmup_steps, lr=post.lr,
                            lr_decay_times=post.lr_decay_times, schedule_steps=post.max_steps,
-                           score_sigma=record["score_sigma"], seed=config.seed, prior=prior)
+                           score_sigma=record["score_sigma"], seed=config.seed, prior_sigma=sigma, prior=prior,
+                           schedule=prior_schedule)
 
 
 def check_source(run_dir, record):
-    """Refuse to continue (or use) a posterior whose frozen prior changed since it was trained."""
+    """Refuse to continue (or use) a posterior whose frozen prior (any level of its schedule) changed since it
+    was trained. A record without ``levels`` (single level, also every posterior from before schedules) is
+    its own one level."""
     recorded = json.loads((Path(run_dir) / "posterior_source.json").read_text())
-    if recorded["sha256"] != record["sha256"] or recorded["prior_dir"] != record["prior_dir"]:
-        raise ValueError(f"the prior of the posterior in {run_dir} changed since it was trained "
-                         f"({recorded['prior_dir']} -> {record['prior_dir']}, or new weights); delete {run_dir} "
+    if recorded.get("prior_sigmas") != record.get("prior_sigmas"):
+        raise ValueError(f"the posterior in {run_dir} was trained with posterior.prior_sigmas="
+                         f"{recorded.get('prior_sigmas')}, not {record.get('prior_sigmas')}; pass the same, or "
+                         f"another posterior.name to train one for this schedule")
+    before, now = recorded.get("levels") or [recorded], record.get("levels") or [record]
+    changed = [(a, b) for a, b in zip(before, now) if a["sha256"] != b["sha256"] or a["prior_dir"] != b["prior_dir"]]
+    if changed or len(before) != len(now):
+        a, b = changed[0] if changed else (recorded, record)
+        level = f" at sigma {b['sigma']:g}" if "sigma" in b else ""
+        raise ValueError(f"the prior{level} of the posterior in {run_dir} changed since it was trained "
+                         f"({a['prior_dir']} -> {b['prior_dir']}, or new weights); delete {run_dir} "
                          f"or pass another posterior.name to train one for the new prior")
     if recorded["sources"] != record["sources"]:
         raise ValueError(f"the posterior in {run_dir} separates {recorded['sources']}, not {record['sources']}")
@@ -142,6 +206,9 @@ def train_posterior(config):
         atomic_write_text(run_dir / "posterior_source.json", json.dumps(record, indent=2))
     log.info("posterior for %s against the prior %s (sigma %g) into %s", sources, record["prior_dir"],
              record["prior_sigma"], run_dir)
+    if record.get("levels"):
+        log.info("coarse to fine over %d equal stages of %d steps: sigma %s", len(record["levels"]), post.max_steps,
+                 record["prior_sigmas"])
     return fit(config, run_dir, module, post.max_steps, post.val_check_interval, job_type="posterior",
                early_stopping=False, extra={"prior": record}, datamodule=datamodule,
                check_resume=check_resume(config, sources))
@@ -158,10 +225,10 @@ def load_posterior(config, sources, name=None):
     config = OmegaConf.merge(config, {"posterior": trained.posterior})
     record = source_record(config, list(sources))
     check_source(run_dir, record)
-    module = build_module(config, list(sources), record)
+    module = build_module(config, list(sources), record, schedule=False)
     state = read_checkpoint(run_dir / "last.ckpt")["state_dict"]
     missing, unexpected = module.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.startswith("prior.")]
+    missing = [k for k in missing if not k.startswith(FROZEN_PREFIXES)]
     if missing or unexpected:
         raise ValueError(f"{run_dir / 'last.ckpt'} does not match the posterior network: missing {missing}, "
                          f"unexpected {unexpected}")

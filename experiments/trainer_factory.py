@@ -30,11 +30,15 @@ def build_loggers(config, run_dir, job_type):
 def compile_prior(module):
     """``trainer.compile``: the prior's ``log_prob`` and ``training_loss`` (where it has them) through
     ``torch.compile``; the weights and the state_dict are the module's own, so checkpoints are unchanged."""
-    prior = getattr(module, "prior", None)
-    for name in ("log_prob", "training_loss"):
-        method = getattr(prior, name, None)
-        if method is not None:
-            setattr(prior, name, torch.compile(method))
+    priors = [getattr(module, "prior", None)]
+    schedule = getattr(module, "prior_schedule", None)  # a posterior's coarser levels (posterior.prior_sigmas)
+    if schedule is not None:
+        priors += [p for p in schedule.priors() if all(p is not q for q in priors)]
+    for prior in priors:
+        for name in ("log_prob", "training_loss"):
+            method = getattr(prior, name, None)
+            if method is not None:
+                setattr(prior, name, torch.compile(method))
 
 
 def build_trainer(config, run_dir, job_type, callbacks=(), max_steps=-1, val_check_interval=None):

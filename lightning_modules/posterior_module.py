@@ -10,6 +10,10 @@ only (nothing is selected or stopped on it), the SI-SDRi of the posterior mean a
 
 The frozen prior is not saved in the checkpoint: ``posterior_source.json`` beside it names the prior's
 checkpoint and its sha256, and loading refuses a changed prior.
+
+``schedule`` (a ``PriorSchedule``, ``posterior.prior_sigmas``): training steps go through the prior levels
+coarse to fine, the stage a function of the global step; ``prior`` (with ``score_sigma``) is then the last,
+finest level, which validation and separation use. No level is saved in the checkpoint either.
 """
 import math
 
@@ -21,11 +25,14 @@ from lightning_modules.nn.posterior_net import PosteriorNet, PosteriorNetConfig
 from lightning_modules.prior_module import any_rank, mix_seed, restore_rng_states, save_rng_states
 from lightning_modules.metrics.separation_metrics import si_sdr, si_sdr_of_mix
 
+# The frozen priors' state_dict keys (the finest level, the schedule's levels): never saved in a checkpoint.
+FROZEN_PREFIXES = ("prior.", "prior_schedule.")
+
 
 class PosteriorModule(pl.LightningModule):
     def __init__(self, net: dict, sources: list, alpha: list, gamma: float = 0.05, warmup_steps: int = 0,
                  lr: float = 1e-3, lr_decay_times: int = 0, schedule_steps: int = 1000, score_sigma=None,
-                 seed: int = 0, prior=None):
+                 seed: int = 0, prior_sigma=None, prior=None, schedule=None):
         super().__init__()
         if not (math.isfinite(gamma) and gamma > 0):
             raise ValueError(f"posterior.gamma must be a positive number, got {gamma!r}")
@@ -33,23 +40,28 @@ class PosteriorModule(pl.LightningModule):
             raise ValueError(f"posterior.warmup_steps must be >= 0, got {warmup_steps}")
         if len(alpha) != len(sources):
             raise ValueError(f"one mixing weight per source is needed: {alpha} for {sources}")
-        self.save_hyperparameters(ignore=["prior"])
+        if schedule is not None and prior is None:
+            raise ValueError("a prior schedule needs ``prior``, its finest level, for validation and separation")
+        self.save_hyperparameters(ignore=["prior", "schedule"])
         self.sources = list(sources)
         self.net = PosteriorNet(len(self.sources), PosteriorNetConfig(**net))
         self.register_buffer("alpha", torch.as_tensor(alpha, dtype=torch.float32), persistent=False)
         self.prior = prior
-        if prior is not None:
-            prior.eval()
-            for parameter in prior.parameters():
-                parameter.requires_grad_(False)
-        self.strict_loading = False  # the frozen prior's weights are not in the checkpoint
+        self.prior_schedule = schedule
+        for frozen in (prior, schedule):
+            if frozen is not None:
+                frozen.eval()
+                for parameter in frozen.parameters():
+                    parameter.requires_grad_(False)
+        self.strict_loading = False  # the frozen priors' weights are not in the checkpoint
         self.skipped_steps = 0
         self.skip = None
 
     def train(self, mode=True):
         super().train(mode)
-        if self.prior is not None:
-            self.prior.eval()  # frozen: its normalisation layers stay in inference mode
+        for frozen in (self.prior, self.prior_schedule):
+            if frozen is not None:
+                frozen.eval()  # frozen: their normalisation layers stay in inference mode
         return self
 
     def posterior(self, mix):
@@ -59,12 +71,22 @@ class PosteriorModule(pl.LightningModule):
         steps = self.hparams.warmup_steps
         return 1.0 if steps == 0 else min(1.0, self.global_step / steps)
 
-    def elbo(self, mix, generator):
-        """(q, ELBO terms, per-mixture ELBO [B] at weight 1, objective [B] at the warm-up weight)."""
+    def training_level(self):
+        """(prior, score sigma or None, sigma) serving this training step: the schedule's stage at the global
+        step (so a resumed run continues at its own stage), else the one frozen prior."""
+        if self.prior_schedule is None:
+            return self.prior, self.hparams.score_sigma, self.hparams.prior_sigma
+        step = self.global_step
+        return (*self.prior_schedule.at(step), self.prior_schedule.sigma(step))
+
+    def elbo(self, mix, generator, level=None):
+        """(q, ELBO terms, per-mixture ELBO [B] at weight 1, objective [B] at the warm-up weight).
+
+        ``level``: (prior, score sigma) to score with; None = the finest, ``prior`` at ``score_sigma``."""
+        prior, score_sigma = level or (self.prior, self.hparams.score_sigma)
         q = self.posterior(mix)
         uniform = torch.rand(mix.shape[0], len(self.sources), mix.shape[1], generator=generator, device=mix.device)
-        terms = elbo_terms(q, self.prior, mix.float(), self.alpha, self.hparams.gamma, uniform,
-                           self.hparams.score_sigma)
+        terms = elbo_terms(q, prior, mix.float(), self.alpha, self.hparams.gamma, uniform, score_sigma)
         kl_part = terms["prior_objective"].sum(dim=1) + terms["entropy"].sum(dim=1)
         return q, terms, elbo_value(terms), self.kl_weight() * kl_part + terms["mixture"]
 
@@ -82,12 +104,15 @@ class PosteriorModule(pl.LightningModule):
                              "wrap the datamodule in datamodules.mixtures_only.MixtureDataModule")
         seed = mix_seed(self.hparams.seed, self.global_rank, self.global_step, batch_idx)
         generator = torch.Generator(device=self.device).manual_seed(seed)
-        _, terms, elbo, objective = self.elbo(batch["mix"], generator)
+        prior, score_sigma, sigma = self.training_level()
+        _, terms, elbo, objective = self.elbo(batch["mix"], generator, (prior, score_sigma))
         loss = -objective.mean()
         self.skip = bool(any_rank(self, ~torch.isfinite(loss.detach()).view(1)))
         if self.skip:  # keep the graph (DDP needs every parameter used); gradients are dropped below
             return loss.nan_to_num(0.0, 0.0, 0.0) * 0
-        has_value = self.hparams.score_sigma is None  # a score prior gives the gradient of log p, not its value
+        has_value = score_sigma is None  # a score prior gives the gradient of log p, not its value
+        if sigma is not None:
+            self.log("train/prior_sigma", float(sigma))
         if has_value:
             self.log("train/elbo", elbo.mean(), prog_bar=True)
         self.log("train/mixture", terms["mixture"].mean())
@@ -136,7 +161,8 @@ class PosteriorModule(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint):
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("prior.")}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items()
+                                    if not k.startswith(FROZEN_PREFIXES)}
         checkpoint["skipped_steps"] = self.skipped_steps
         save_rng_states(checkpoint)
 
