@@ -242,7 +242,9 @@ class SeparationConfig:
     # sigmas (lightning_modules/samplers/relabel.py; score family only; [] = never)
     diffusion_relabel_sigmas: List[float] = field(default_factory=list)
     # latent (LQ-VAE family, lightning_modules/samplers/latent_posterior.py): the exact per-step posterior over code tuples
-    latent_sigma: float = 0.4  # std of the latent Gaussian likelihood (paper 002: 0.1; its code: 0.4)
+    # std of the latent Gaussian likelihood (paper 002: 0.1; its code: 0.4), or auto: the sigma that gives the true
+    # code pairs of solo validation crops the highest posterior probability (two sources; experiments/latent_sigma.py)
+    latent_sigma: Any = 0.4
     latent_likelihood: str = "gaussian"  # gaussian | delta (only tuples whose quantised sum is the mixture's code)
     # > 2 sources (2 sources: exact K^2): beam (a beam over partial code tuples that sees the mixture,
     # lightning_modules/samplers/latent_beam.py) | topk (each prior's latent_top_k codes, then their joint)

@@ -207,10 +207,14 @@ def latent_separator(config, sources, alpha):
     sep = config.separation
     indices = [list(config.data.sources).index(s) for s in sources]
     separator = SAMPLERS[sep.algorithm].build(prior, alpha, sep, indices, sep.length or config.data.eval_length)
-    record = {"prior_dir_per_level": [str(directory)], "selection_prior_dir": str(directory),
-              "latent": {"sigma": sep.latent_sigma, "likelihood": sep.latent_likelihood, "top_k": sep.latent_top_k,
-                         "search": sep.latent_search, "beam": sep.latent_beam,
-                         "rejection_alpha": sep.latent_rejection_alpha}}
+    latent = {"sigma": sep.latent_sigma, "likelihood": sep.latent_likelihood, "top_k": sep.latent_top_k,
+              "search": sep.latent_search, "beam": sep.latent_beam, "rejection_alpha": sep.latent_rejection_alpha}
+    if sep.latent_sigma == "auto":
+        from experiments.latent_sigma import calibrate_latent_sigma
+
+        latent["sigma"], table = calibrate_latent_sigma(config, separator, sources)
+        latent["sigma_auto"] = {str(sigma): value for sigma, value in table.items()}
+    record = {"prior_dir_per_level": [str(directory)], "selection_prior_dir": str(directory), "latent": latent}
     return separator, separator.score_model, record
 
 

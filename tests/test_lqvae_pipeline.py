@@ -226,3 +226,21 @@ def test_a_users_file_is_separated_with_the_latent_posterior(lqvae_run, tmp_path
     for name in ("sine.wav", "square.wav", "mix.wav", "separation.json"):
         assert (out_dir / name).is_file()
     assert soundfile.read(out_dir / "sine.wav")[0].shape == (600,)
+
+
+def test_latent_sigma_auto_is_chosen_on_validation_crops_and_recorded(lqvae_run):
+    from experiments.separate import build_separator
+    from lightning_modules.samplers.latent_sigma import SIGMA_GRID
+
+    overrides = TINY_LQVAE + [f"output_root={lqvae_run.output_root}", *LATENT]
+    config = load_config("toy_lqvae", "default", overrides + ["separation.latent_sigma=auto"])
+    separator, _, _, record = build_separator(config)
+    table = {float(s): v for s, v in record["latent"]["sigma_auto"].items()}
+    assert set(table) == set(SIGMA_GRID)
+    assert record["latent"]["sigma"] == separator.sigma == max(table, key=table.get)
+    assert len(set(table.values())) > 1  # the mixture term moves the true pair's probability
+    fixed, _, _, record = build_separator(load_config("toy_lqvae", "default", overrides + ["separation.latent_sigma=0.3"]))
+    assert fixed.sigma == 0.3 and "sigma_auto" not in record["latent"]
+    bad = load_config("toy_lqvae", "default", overrides + ["separation.latent_sigma=best"])
+    with pytest.raises(ValueError, match="positive number or 'auto'"):
+        build_separator(bad)

@@ -71,8 +71,6 @@ class LatentSeparator(nn.Module):
         super().__init__()
         if likelihood not in LIKELIHOODS:
             raise ValueError(f"unknown separation.latent_likelihood {likelihood!r}; choose from {list(LIKELIHOODS)}")
-        if not sigma > 0:
-            raise ValueError(f"separation.latent_sigma must be > 0, got {sigma}")
         if search not in SEARCHES:
             raise ValueError(f"unknown separation.latent_search {search!r}; choose from {list(SEARCHES)}")
         if search == "beam" and not (beam is not None and int(beam) >= 1):
@@ -86,10 +84,10 @@ class LatentSeparator(nn.Module):
         self.prior = prior.eval()
         self.register_buffer("indices", torch.tensor(list(source_indices)))
         self.register_buffer("alpha", torch.as_tensor(alpha, dtype=torch.float32))
-        self.sigma, self.likelihood, self.top_k, self.rejection_alpha = float(sigma), likelihood, top_k, rejection_alpha
+        self.likelihood, self.top_k, self.rejection_alpha = likelihood, top_k, rejection_alpha
         self.search, self.beam = search, None if beam is None else int(beam)
         self.n_steps = length // hop
-        self.trace_sigmas = [self.sigma] * self.n_steps
+        self.set_sigma(sigma)
         self.nonfinite_steps = 0
         self.score_model = PriorSelection(self)  # after rejection_alpha: its label names it
         self.last_selection, self.table, self.table_key = None, None, None
@@ -162,6 +160,12 @@ class LatentSeparator(nn.Module):
             return quantizer.nearest(weighted) == quantizer.nearest(mix_code)[:, None]
 
         return self.combine(prior, sum_distance, code_match)
+
+    def set_sigma(self, sigma):
+        if not sigma > 0:
+            raise ValueError(f"separation.latent_sigma must be > 0, got {sigma}")
+        self.sigma = float(sigma)
+        self.trace_sigmas = [self.sigma] * self.n_steps
 
     def combine(self, prior, sum_distance, code_match):
         """Scores of the tuples; ``code_match()`` -> [M, J] bool is evaluated for the delta likelihood only."""

@@ -54,7 +54,12 @@ def diffusion_conflicts(s):
 def build_latent(prior, alpha, s, indices, length):
     from lightning_modules.samplers.latent_posterior import LatentSeparator
 
-    return LatentSeparator(prior, indices, alpha, length, s.latent_sigma, s.latent_likelihood, s.latent_top_k,
+    sigma = s.latent_sigma
+    if sigma == "auto":
+        sigma = 1.0  # a placeholder: experiments/latent_sigma.py sets the calibrated value before separating
+    elif isinstance(sigma, str):
+        raise ValueError(f"separation.latent_sigma must be a positive number or 'auto', got {sigma!r}")
+    return LatentSeparator(prior, indices, alpha, length, sigma, s.latent_likelihood, s.latent_top_k,
                            s.latent_rejection_alpha, s.latent_search, s.latent_beam)
 
 
