@@ -75,6 +75,9 @@ def test_more_than_two_sources_and_bad_values_are_refused(prior):
     three = LatentSeparator(prior, [0, 1, 2], torch.tensor([1 / 3] * 3), length=32, sigma=0.4)
     with pytest.raises(ValueError, match="two sources"):
         truth_log_posterior(three, torch.zeros(1, 3, 32))
+    delta = LatentSeparator(prior, [0, 1], torch.tensor([0.5, 0.5]), length=32, sigma=0.4, likelihood="delta")
+    with pytest.raises(ValueError, match="Gaussian"):
+        truth_log_posterior(delta, torch.zeros(1, 2, 32))
     separator = LatentSeparator(prior, [0, 1], torch.tensor([0.5, 0.5]), length=32, sigma=0.4)
     with pytest.raises(ValueError, match="> 0"):
         separator.set_sigma(0.0)

@@ -27,6 +27,9 @@ def truth_log_posterior(separator, sources, sigmas=SIGMA_GRID, chunk=128):
     if len(separator.indices) != 2:
         raise ValueError(f"latent_sigma=auto scores every pair exactly, so it needs two sources; got "
                          f"{len(separator.indices)} (pass a number: separation.latent_sigma=0.05)")
+    if separator.likelihood != "gaussian":
+        raise ValueError("latent_sigma=auto calibrates the Gaussian latent likelihood; with latent_likelihood="
+                         f"{separator.likelihood} pass a number, e.g. separation.latent_sigma=0.05")
     prior, indices, alpha = separator.prior, separator.indices.tolist(), separator.alpha
     lqvae, transformer = prior.lqvae, prior.transformer
     sources = sources.float()
@@ -49,14 +52,11 @@ def truth_log_posterior(separator, sources, sigmas=SIGMA_GRID, chunk=128):
         for start in range(0, truth.shape[0], chunk):
             rows = slice(start, start + chunk)
             for sigma in sigmas:
-                separator.sigma = float(sigma)
-                tuples, scores = separator.step_scores(log_priors[rows], mix_codes[rows])
-                log_post = scores.log_softmax(dim=-1).gather(1, truth[rows, None]).squeeze(1)
-                totals[sigma] += float(log_post.clamp(min=-1e4).sum())
+                separator.set_sigma(sigma)
+                _, scores = separator.step_scores(log_priors[rows], mix_codes[rows])
+                totals[sigma] += float(scores.log_softmax(dim=-1).gather(1, truth[rows, None]).sum())
     finally:
-        separator.sigma = original
-    if not torch.equal(tuples[0, truth[-1]], torch.stack([codes[-1, 0, -1], codes[-1, 1, -1]])):
-        raise RuntimeError("the separator's pair grid is not row-major (i, j) -> i * K + j")
+        separator.set_sigma(original)
     return {sigma: total / truth.shape[0] for sigma, total in totals.items()}
 
 
