@@ -241,6 +241,10 @@ class SeparationConfig:
     # Relabel every chain's sources by the priors' best permutation at the first level below each of these
     # sigmas (lightning_modules/samplers/relabel.py; score family only; [] = never)
     diffusion_relabel_sigmas: List[float] = field(default_factory=list)
+    # > 2 sources: after the run, this many round-robins of pairwise re-separation (each pair's sum split afresh by
+    # a two-source run with the same schedule; lightning_modules/samplers/pair_refinement.py; equal weights only)
+    diffusion_pair_sweeps: int = 0
+    diffusion_pair_accept: str = "better"  # better (keep a pair's new split if its selection score is higher) | always
     # latent (LQ-VAE family, lightning_modules/samplers/latent_posterior.py): the exact per-step posterior over code tuples
     # std of the latent Gaussian likelihood (paper 002: 0.1; its code: 0.4), or auto: the sigma that gives the true
     # code pairs of solo validation crops the highest posterior probability (two sources; experiments/latent_sigma.py)

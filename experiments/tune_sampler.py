@@ -50,6 +50,10 @@ CANDIDATES = {
     "projected-corrections-5": PROJECTED + ["separation.diffusion_corrections=5"],
     "projected-relabel": PROJECTED + [RELABEL],
     "isdm-relabel": ISDM + [RELABEL],
+    "isdm-relabel-pairs": ISDM + [RELABEL, "separation.diffusion_pair_sweeps=1"],
+    "isdm-relabel-pairs-2": ISDM + [RELABEL, "separation.diffusion_pair_sweeps=2"],
+    "isdm-relabel-pairs-always": ISDM + [RELABEL, "separation.diffusion_pair_sweeps=1",
+                                         "separation.diffusion_pair_accept=always"],
     "projected-relabel-dense": PROJECTED + ["separation.diffusion_relabel_sigmas=[1.0,0.7,0.5,0.4,0.3,0.2,0.15,0.1,"
                                             "0.07,0.05,0.03]"],
 }

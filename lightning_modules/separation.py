@@ -64,6 +64,7 @@ class SeparationModule(pl.LightningModule):
         self.register_buffer("samples", torch.zeros((), dtype=torch.float64))  # mixture samples separated
         self.register_buffer("nonfinite_steps", torch.zeros((), dtype=torch.float64))
         self.register_buffer("relabelled_chains", torch.zeros((), dtype=torch.float64))  # diffusion relabelling
+        self.register_buffer("pair_moves", torch.zeros((), dtype=torch.float64))  # diffusion pair refinement
         self.rows, self.results, self.started = [], None, None
 
     def method_names(self):
@@ -77,7 +78,7 @@ class SeparationModule(pl.LightningModule):
 
     def on_test_epoch_start(self):
         for buffer in (self.trace_loglik, self.trace_mix_error, self.count, self.samples, self.nonfinite_steps,
-                       self.relabelled_chains):
+                       self.relabelled_chains, self.pair_moves):
             buffer.zero_()
         self.rows, self.started = [], time.time()
 
@@ -93,6 +94,7 @@ class SeparationModule(pl.LightningModule):
         self.samples += mix.numel()
         self.nonfinite_steps += self.separator.nonfinite_steps
         self.relabelled_chains += getattr(self.separator, "relabelled_chains", 0)
+        self.pair_moves += getattr(self.separator, "pair_moves", 0)
         with torch.autocast(self.device.type, enabled=False), torch.no_grad():
             batch_size, n_chains, n_sources, length = estimates.shape
             selection = selection_scores(self.selection_prior, estimates.flatten(0, 1)).view(batch_size, n_chains, -1)
@@ -177,6 +179,7 @@ class SeparationModule(pl.LightningModule):
             **({"window": self.window, "hop": self.hop} if self.protocol == "windowed" else {}),
             "nonfinite_prior_gradients": nonfinite,
             "relabelled_chains": int(reduce(self.relabelled_chains.clone(), reduce_op="sum").item()),
+            "pair_moves_accepted": int(reduce(self.pair_moves.clone(), reduce_op="sum").item()),
             "summary": summarize(rows, self.method_names()),
             "rows": rows, "trace": trace,
         }

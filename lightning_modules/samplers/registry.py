@@ -42,7 +42,8 @@ def build_diffusion(score_model, alpha, s, levels=None):
         rho=s.diffusion_rho, solver=s.diffusion_solver, s_churn=s.diffusion_churn, constraint=s.diffusion_constraint,
         gamma_scale=s.diffusion_gamma_scale, corrections=s.diffusion_corrections, init=s.diffusion_init,
         langevin_steps=s.diffusion_langevin_steps, langevin_eta=s.diffusion_langevin_eta,
-        dirac_last_sigma=s.diffusion_dirac_last_sigma, relabel_sigmas=s.diffusion_relabel_sigmas)
+        dirac_last_sigma=s.diffusion_dirac_last_sigma, relabel_sigmas=s.diffusion_relabel_sigmas,
+        pair_sweeps=s.diffusion_pair_sweeps, pair_accept=s.diffusion_pair_accept)
 
 
 def diffusion_conflicts(s):
