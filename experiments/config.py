@@ -235,6 +235,9 @@ class SeparationConfig:
     diffusion_corrections: int = 0  # ISDM correction steps per level (re-noise and redo)
     # dirac: the score of the last (derived) source at sigma (same, ISDM) or at its own noise level (scaled)
     diffusion_dirac_last_sigma: str = "same"
+    # dirac: the source derived from the others, m - sum: last (the last listed) | a source name | rotate (chain c
+    # derives the (c+1)-th source from the end, so 4 chains of 4 sources try every choice and the selection picks)
+    diffusion_dirac_derived: Any = "last"
     diffusion_init: str = "noise"  # noise | mixture (start from the Average baseline plus noise)
     diffusion_langevin_steps: int = 0  # Langevin steps at sigma_min before the last step to 0
     diffusion_langevin_eta: float = 0.1  # their step size, in units of sigma_min^2
@@ -245,6 +248,8 @@ class SeparationConfig:
     # a two-source run with the same schedule; lightning_modules/samplers/pair_refinement.py; equal weights only)
     diffusion_pair_sweeps: int = 0
     diffusion_pair_accept: str = "better"  # better (keep a pair's new split if its selection score is higher) | always
+    diffusion_pair_steps: Optional[int] = None  # the pair runs' schedule length (None: diffusion_steps)
+    diffusion_pair_corrections: Optional[int] = None  # their correction steps per level (None: diffusion_corrections)
     # latent (LQ-VAE family, lightning_modules/samplers/latent_posterior.py): the exact per-step posterior over code tuples
     # std of the latent Gaussian likelihood (paper 002: 0.1; its code: 0.4), or auto: the sigma that gives the true
     # code pairs of solo validation crops the highest posterior probability (two sources; experiments/latent_sigma.py)

@@ -261,13 +261,24 @@ def build_separator(config):
     else:
         score_model, selection, record = langevin_priors(config, load, levels)
     check_length(score_model, sep.length or config.data.eval_length)
-    separator = entry.build(score_model, alpha, sep, levels)
+    separator = entry.build(score_model, alpha, derived_by_index(sep, sources), levels)
     if sep.init == "variational":
         from lightning_modules.samplers.variational import VariationalInit
 
         module, record["init_posterior"] = variational_posterior(config, sources, alpha)
         separator.initializer = VariationalInit(module)
     return separator, selection, sources, record | {"mixing": mixing, "selection": selection_kind(selection)}
+
+
+def derived_by_index(sep, sources):
+    """The settings with ``diffusion_dirac_derived`` given as a source name turned into that source's index."""
+    derived = sep.get("diffusion_dirac_derived", "last")
+    if derived in ("last", "rotate"):
+        return sep
+    if derived not in sources:
+        raise ConfigError(f"separation.diffusion_dirac_derived={derived!r} is not one of the separated sources "
+                          f"{sources}; name one of them, or use last or rotate")
+    return OmegaConf.merge(sep, {"diffusion_dirac_derived": sources.index(derived)})
 
 
 def check_length(score_model, length):

@@ -54,6 +54,10 @@ CANDIDATES = {
     "isdm-relabel-pairs-2": ISDM + [RELABEL, "separation.diffusion_pair_sweeps=2"],
     "isdm-relabel-pairs-always": ISDM + [RELABEL, "separation.diffusion_pair_sweeps=1",
                                          "separation.diffusion_pair_accept=always"],
+    "isdm-relabel-pairs-50": ISDM + [RELABEL, "separation.diffusion_pair_sweeps=1",
+                                     "separation.diffusion_pair_steps=50", "separation.diffusion_pair_corrections=0"],
+    "isdm-relabel-pairs-2x50": ISDM + [RELABEL, "separation.diffusion_pair_sweeps=2",
+                                       "separation.diffusion_pair_steps=50", "separation.diffusion_pair_corrections=0"],
     "projected-relabel-dense": PROJECTED + ["separation.diffusion_relabel_sigmas=[1.0,0.7,0.5,0.4,0.3,0.2,0.15,0.1,"
                                             "0.07,0.05,0.03]"],
 }

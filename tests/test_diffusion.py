@@ -200,6 +200,52 @@ def test_steps_match_a_hand_computation(constraint, solver, churn):
     assert torch.allclose(x2[0], expected, atol=1e-5)
 
 
+@pytest.mark.parametrize("derived", [0, 1, "rotate"])
+def test_any_derived_source_follows_the_hand_computation(derived):
+    """Heun with churn, sigma 0.8 -> 0.3 -> 0, the Dirac constraint deriving another source than the last (rotate:
+    chain 0 derives source 2, chain 1 source 1), written out by hand with the chain rule through x_d."""
+    centers = torch.tensor([0.5, -1.0, 2.0]).view(1, -1, 1)
+
+    class Linear(torch.nn.Module):  # the score of N(c_k, 1) convolved with N(0, sigma^2)
+        def score(self, x, sigma):
+            return -(x - centers) / (1 + sigma**2)
+
+    alpha, seed, (s0, s1) = torch.tensor([0.3, 0.7, 1.2]), 5, (0.8, 0.3)
+    mix = torch.randn(1, 16)
+    separator = DiffusionSeparator(Linear(), alpha, sigma_max=s0, sigma_min=s1, steps=2, solver="heun", s_churn=1.0,
+                                   dirac_derived=derived)
+    x2, _ = separator(mix, n_chains=2, seeds=[seed])
+    chains_derive = [2, 1] if derived == "rotate" else [derived, derived]
+    free = torch.ones(2, 3, 1)
+    for chain, d in enumerate(chains_derive):
+        free[chain, d] = 0
+
+    def post(x, sigma):
+        score = -(x - centers) / (1 + sigma**2)
+        derived_score = torch.stack([score[c, d] for c, d in enumerate(chains_derive)]).unsqueeze(1)
+        derived_alpha = alpha[chains_derive].view(-1, 1, 1)
+        return (score - alpha.view(1, -1, 1) / derived_alpha * derived_score) * free
+
+    def derive(x):
+        x = x.clone()
+        for c, d in enumerate(chains_derive):
+            rest = sum(alpha[k] * x[c, k] for k in range(3) if k != d)
+            x[c, d] = (mix[0] - rest) / alpha[d]
+        return x
+
+    generator = torch.Generator().manual_seed(seed)
+    draw = lambda: torch.randn((2, 3, 16), generator=generator) * free  # noqa: E731
+    x0 = derive(s0 * draw())
+    h0, h1 = s0 * math.sqrt(2), s1 * math.sqrt(2)  # churn: gamma capped at sqrt(2) - 1
+    x0 = derive(x0 + s0 * draw())
+    d0 = -h0 * post(x0, h0)
+    x1 = derive(x0 + (s1 - h0) * d0)
+    x1 = derive(x0 + (s1 - h0) * (d0 - s1 * post(x1, s1)) / 2)
+    x1 = derive(x1 + s1 * draw())
+    expected = derive(x1 + (0 - h1) * (-h1 * post(x1, h1)))
+    assert torch.allclose(x2[0], expected, atol=1e-5)
+
+
 def test_with_a_flat_score_only_the_injected_noise_moves_the_free_sources():
     """Zero score: the free sources end at the start plus every noise the sampler adds, which has variance
 

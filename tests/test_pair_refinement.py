@@ -114,3 +114,14 @@ def test_pair_refinement_refuses_unequal_weights_and_a_missing_selection_score()
     DiffusionSeparator(GaussianPrior(MEANS, [STD] * 4), ALPHA, pair_sweeps=1, pair_accept="always")
     with pytest.raises(ValueError, match="diffusion_pair_accept"):
         DiffusionSeparator(prior(), ALPHA, pair_sweeps=1, pair_accept="sometimes")
+
+
+def test_pair_runs_take_their_own_schedule_when_asked():
+    separator = DiffusionSeparator(prior(), ALPHA, steps=20, corrections=2, pair_sweeps=1, pair_steps=5,
+                                   pair_corrections=0)
+    pair_sampler = separator._pairs[1]
+    assert len(pair_sampler.sigmas) == 5 + 1 and pair_sampler.corrections == 0
+    assert pair_sampler.alpha.tolist() == [0.25, 0.25] and not pair_sampler.relabel_sigmas
+    same = DiffusionSeparator(prior(), ALPHA, steps=20, corrections=2, pair_sweeps=1)._pairs[1]
+    assert len(same.sigmas) == 20 + 1 and same.corrections == 2
+    assert DiffusionSeparator(prior(), ALPHA[:2] * 2, pair_sweeps=1)._pairs is None  # two sources: nothing to pair
