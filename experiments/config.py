@@ -247,7 +247,6 @@ class SeparationConfig:
     # > 2 sources: after the run, this many round-robins of pairwise re-separation (each pair's sum split afresh by
     # a two-source run with the same schedule; lightning_modules/samplers/pair_refinement.py; equal weights only)
     diffusion_pair_sweeps: int = 0
-    diffusion_pair_accept: str = "better"  # better (keep a pair's new split if its selection score is higher) | always
     diffusion_pair_steps: Optional[int] = None  # the pair runs' schedule length (None: diffusion_steps)
     diffusion_pair_corrections: Optional[int] = None  # their correction steps per level (None: diffusion_corrections)
     # latent (LQ-VAE family, lightning_modules/samplers/latent_posterior.py): the exact per-step posterior over code tuples

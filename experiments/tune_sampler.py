@@ -52,8 +52,6 @@ CANDIDATES = {
     "isdm-relabel": ISDM + [RELABEL],
     "isdm-relabel-pairs": ISDM + [RELABEL, "separation.diffusion_pair_sweeps=1"],
     "isdm-relabel-pairs-2": ISDM + [RELABEL, "separation.diffusion_pair_sweeps=2"],
-    "isdm-relabel-pairs-always": ISDM + [RELABEL, "separation.diffusion_pair_sweeps=1",
-                                         "separation.diffusion_pair_accept=always"],
     "isdm-relabel-pairs-50": ISDM + [RELABEL, "separation.diffusion_pair_sweeps=1",
                                      "separation.diffusion_pair_steps=50", "separation.diffusion_pair_corrections=0"],
     "isdm-relabel-pairs-2x50": ISDM + [RELABEL, "separation.diffusion_pair_sweeps=2",

@@ -24,7 +24,8 @@ def prior():
 
 
 def pair_sampler(view):
-    return DiffusionSeparator(view, [0.25, 0.25], sigma_max=2.0, sigma_min=0.01, steps=30, solver="heun")
+    return DiffusionSeparator(view, [0.25, 0.25], sigma_max=2.0, sigma_min=0.01, steps=30, solver="heun",
+                              dirac_derived="rotate")
 
 
 def clean_sources(count=3, length=64, seed=0):
@@ -62,36 +63,50 @@ def test_pair_view_asks_each_prior_at_its_own_slot_and_leaves_the_rest():
     assert view.background is background and background.shape == (3, 4, 16)
 
 
-@pytest.mark.parametrize("accept", ["better", "always"])
-def test_one_sweep_moves_swapped_components_home_and_keeps_the_mixture(accept):
+def test_one_sweep_moves_swapped_components_home_and_keeps_the_mixture():
     clean = clean_sources()
     swapped = clean[:, [1, 0, 3, 2]]  # every slot holds another class's content; equal weights keep the sum
     mix = (ALPHA.view(1, 4, 1) * swapped).sum(dim=1)
     view = PairView(prior())
-    out, accepted = refine_pairs(pair_sampler(view), view, swapped.clone(), ALPHA, seeds=[0, 1, 2], sweeps=1,
-                                 accept=accept)
+    out, accepted = refine_pairs(pair_sampler(view), view, swapped.clone(), ALPHA, seeds=[0, 1, 2], sweeps=1)
     assert (swapped.mean(dim=2) - torch.tensor(MEANS)).abs().min() > 0.4  # every slot wrong before
     assert (out.mean(dim=2) - torch.tensor(MEANS)).abs().max() < 0.1  # every slot at its own class after
     torch.testing.assert_close((ALPHA.view(1, 4, 1) * out).sum(dim=1), mix, atol=1e-5, rtol=0)
     assert accepted >= 3 * 2  # at least one round's two pairs in every chain
 
 
-class Worse:
-    """A 'sampler' that proposes the worst split of every pair: all of the sum in the first source."""
+class Proposing:
+    """A 'sampler' that proposes two fixed splits of every pair's sum: (all in the first source, none) and
+    (a share, the rest)."""
+
+    def __init__(self, share):
+        self.share = share
 
     def __call__(self, sums, n_chains, seeds):
-        return torch.stack([sums / 0.25, torch.zeros_like(sums)], dim=1).unsqueeze(1), {}
+        whole = sums / 0.25
+        splits = [torch.stack([whole, torch.zeros_like(whole)], dim=1), torch.stack([self.share, whole - self.share], 1)]
+        return torch.stack(splits, dim=1), {}
 
 
-def test_better_acceptance_refuses_worse_splits_and_always_takes_them():
+def test_a_pair_takes_the_better_proposal_and_never_a_worse_split():
     clean = clean_sources()
     view = PairView(prior())
-    kept, accepted = refine_pairs(Worse(), view, clean.clone(), ALPHA, [0, 1, 2], sweeps=1, accept="better")
+    bad_share = torch.zeros(2 * 3, 64)  # 2 pairs per round x 3 chains
+    kept, accepted = refine_pairs(Proposing(bad_share), view, clean.clone(), ALPHA, [0, 1, 2], sweeps=1)
     assert accepted == 0
     torch.testing.assert_close(kept, clean)
-    taken, accepted = refine_pairs(Worse(), view, clean.clone(), ALPHA, [0, 1, 2], sweeps=1, accept="always")
-    assert accepted == 3 * 6  # 3 chains x 6 pairs
-    assert not torch.allclose(taken, clean)
+    swapped = clean[:, [1, 0, 3, 2]]
+    model = prior()
+
+    class Truthful(Proposing):  # the second proposal is the true split of whatever pair is asked
+        def __call__(self, sums, n_chains, seeds):
+            firsts = torch.cat([clean[:, i] for i, _ in view.pairs])
+            self.share = firsts
+            return super().__call__(sums, n_chains, seeds)
+
+    out, accepted = refine_pairs(Truthful(None), view, swapped.clone(), ALPHA, [0, 1, 2], sweeps=1)
+    assert model.log_prob(out).sum() > model.log_prob(swapped).sum()
+    torch.testing.assert_close(out, clean)  # the last round pairs (0, 1) and (2, 3): the truth, proposed second
 
 
 def test_separator_refines_pairs_per_mixture_whatever_shares_its_batch():
@@ -111,9 +126,8 @@ def test_pair_refinement_refuses_unequal_weights_and_a_missing_selection_score()
         DiffusionSeparator(prior(), torch.tensor([0.1, 0.2, 0.3, 0.4]), pair_sweeps=1)
     with pytest.raises(ValueError, match="selection_score"):
         DiffusionSeparator(GaussianPrior(MEANS, [STD] * 4), ALPHA, pair_sweeps=1)
-    DiffusionSeparator(GaussianPrior(MEANS, [STD] * 4), ALPHA, pair_sweeps=1, pair_accept="always")
-    with pytest.raises(ValueError, match="diffusion_pair_accept"):
-        DiffusionSeparator(prior(), ALPHA, pair_sweeps=1, pair_accept="sometimes")
+    with pytest.raises(ValueError, match="pair_sweeps >= 0"):
+        DiffusionSeparator(prior(), ALPHA, pair_sweeps=-1)
 
 
 def test_pair_runs_take_their_own_schedule_when_asked():
@@ -122,6 +136,7 @@ def test_pair_runs_take_their_own_schedule_when_asked():
     pair_sampler = separator._pairs[1]
     assert len(pair_sampler.sigmas) == 5 + 1 and pair_sampler.corrections == 0
     assert pair_sampler.alpha.tolist() == [0.25, 0.25] and not pair_sampler.relabel_sigmas
+    assert pair_sampler.dirac_derived == "rotate"
     same = DiffusionSeparator(prior(), ALPHA, steps=20, corrections=2, pair_sweeps=1)._pairs[1]
     assert len(same.sigmas) == 20 + 1 and same.corrections == 2
     assert DiffusionSeparator(prior(), ALPHA[:2] * 2, pair_sweeps=1)._pairs is None  # two sources: nothing to pair

@@ -107,7 +107,7 @@ class DiffusionSeparator(nn.Module):
                  solver="heun", s_churn=0.0, s_tmin=0.0, s_tmax=math.inf, s_noise=1.0,
                  constraint="dirac", gamma_scale=1.0, corrections=0, init="noise",
                  langevin_steps=0, langevin_eta=0.1, dirac_last_sigma="same", relabel_sigmas=(), pair_sweeps=0,
-                 pair_accept="better", pair_steps=None, pair_corrections=None, dirac_derived="last"):
+                 pair_steps=None, pair_corrections=None, dirac_derived="last"):
         super().__init__()
         if dirac_last_sigma not in LAST_SIGMAS:
             raise ValueError(f"unknown dirac_last_sigma {dirac_last_sigma!r}; choose from {list(LAST_SIGMAS)}")
@@ -159,15 +159,16 @@ class DiffusionSeparator(nn.Module):
         self.initializer = None  # (mix, n_chains, seeds) -> [B * C, N, T] added to the first noise (separation.init)
         self.nonfinite_steps = 0
         self.relabelled_chains = 0  # chains relabelled at least once in the last forward
-        self.pair_sweeps, self.pair_accept, self.pair_moves = int(pair_sweeps), pair_accept, 0
-        check_pairs(score_model, self.alpha, self.pair_sweeps, pair_accept)
+        self.pair_sweeps, self.pair_moves = int(pair_sweeps), 0
+        check_pairs(score_model, self.alpha, self.pair_sweeps)
         self._pairs = None  # (PairView, two-source sampler): a tuple, so the priors are not registered twice
         if self.pair_sweeps and len(self.alpha) > 2:
             view = PairView(score_model)
             self._pairs = (view, DiffusionSeparator(
                 view, [float(self.alpha[0])] * 2, sigma_max, sigma_min, pair_steps or steps, rho, solver, s_churn,
                 s_tmin, s_tmax, s_noise, constraint, gamma_scale,
-                corrections if pair_corrections is None else pair_corrections, init, langevin_steps, langevin_eta))
+                corrections if pair_corrections is None else pair_corrections, init, langevin_steps, langevin_eta,
+                dirac_derived="rotate"))
         cap = math.inf if self.sigma_cap is None else self.sigma_cap
         self.churn_capped_levels = sum(s * (1 + self._churn(s)) > cap for s in self.sigmas[:-1])
         if self.churn_capped_levels:
@@ -348,7 +349,7 @@ class DiffusionSeparator(nn.Module):
         if self._pairs is not None:  # block moves between pairs of sources (pair_refinement.py); not traced
             row_seeds = [int(s) * 1009 + c for s in seeds for c in range(n_chains)]
             x, self.pair_moves = refine_pairs(self._pairs[1], self._pairs[0], x, self.alpha, row_seeds,
-                                              self.pair_sweeps, self.pair_accept)
+                                              self.pair_sweeps)
         mix_error = torch.stack(errors, dim=1).view(batch, n_chains, -1).mean(dim=1)
         trace = {"mix_error": mix_error, "loglik": torch.full_like(mix_error, math.nan)}
         return x.view(batch, n_chains, n_sources, length), trace

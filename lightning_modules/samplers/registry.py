@@ -43,7 +43,7 @@ def build_diffusion(score_model, alpha, s, levels=None):
         gamma_scale=s.diffusion_gamma_scale, corrections=s.diffusion_corrections, init=s.diffusion_init,
         langevin_steps=s.diffusion_langevin_steps, langevin_eta=s.diffusion_langevin_eta,
         dirac_last_sigma=s.diffusion_dirac_last_sigma, relabel_sigmas=s.diffusion_relabel_sigmas,
-        pair_sweeps=s.diffusion_pair_sweeps, pair_accept=s.diffusion_pair_accept, pair_steps=s.diffusion_pair_steps,
+        pair_sweeps=s.diffusion_pair_sweeps, pair_steps=s.diffusion_pair_steps,
         pair_corrections=s.diffusion_pair_corrections, dirac_derived=s.diffusion_dirac_derived)
 
 
