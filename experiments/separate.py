@@ -261,7 +261,7 @@ def build_separator(config):
     else:
         score_model, selection, record = langevin_priors(config, load, levels)
     check_length(score_model, sep.length or config.data.eval_length)
-    separator = entry.build(score_model, alpha, derived_by_index(sep, sources), levels)
+    separator = entry.build(score_model, alpha, derived_by_index(sep, sources, config.data.sources), levels)
     if sep.init == "variational":
         from lightning_modules.samplers.variational import VariationalInit
 
@@ -270,12 +270,16 @@ def build_separator(config):
     return separator, selection, sources, record | {"mixing": mixing, "selection": selection_kind(selection)}
 
 
-def derived_by_index(sep, sources):
+def derived_by_index(sep, sources, config_sources):
     """The settings with ``diffusion_dirac_derived`` given as a source name turned into that source's index."""
     derived = sep.get("diffusion_dirac_derived", "last")
     if derived in ("last", "rotate"):
         return sep
     if derived not in sources:
+        if derived in config_sources:  # a preset's choice for a set it does not separate now (SOURCES=sine,saw)
+            log.warning("separation.diffusion_dirac_derived=%s is not separated here (%s): deriving the last source",
+                        derived, sources)
+            return OmegaConf.merge(sep, {"diffusion_dirac_derived": "last"})
         raise ConfigError(f"separation.diffusion_dirac_derived={derived!r} is not one of the separated sources "
                           f"{sources}; name one of them, or use last or rotate")
     return OmegaConf.merge(sep, {"diffusion_dirac_derived": sources.index(derived)})

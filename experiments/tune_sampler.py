@@ -25,7 +25,8 @@ VALIDATION_SET = ["separation.split=val", "separation.n_test=32", "separation.le
                   "separation.algorithm=diffusion"]
 ISDM = ["separation.diffusion_solver=euler", "separation.diffusion_steps=150", "separation.diffusion_churn=40",
         "separation.diffusion_corrections=2", "separation.diffusion_constraint=dirac",
-        "separation.diffusion_sigma_max=1.0", "separation.diffusion_relabel_sigmas=[]"]
+        "separation.diffusion_sigma_max=1.0", "separation.diffusion_relabel_sigmas=[]",
+        "separation.diffusion_dirac_derived=last", "separation.diffusion_pair_sweeps=0"]
 PROJECTED = ISDM + ["separation.diffusion_constraint=projected"]
 RELABEL = "separation.diffusion_relabel_sigmas=[0.5,0.3,0.2,0.1,0.05]"
 CANDIDATES = {
@@ -56,6 +57,11 @@ CANDIDATES = {
                                      "separation.diffusion_pair_steps=50", "separation.diffusion_pair_corrections=0"],
     "isdm-relabel-pairs-2x50": ISDM + [RELABEL, "separation.diffusion_pair_sweeps=2",
                                        "separation.diffusion_pair_steps=50", "separation.diffusion_pair_corrections=0"],
+    "relabel-square": ISDM + [RELABEL, "separation.diffusion_dirac_derived=square"],
+    "relabel-square-pairs-3x50": ISDM + [RELABEL, "separation.diffusion_dirac_derived=square",
+                                         "separation.diffusion_steps=100", "separation.diffusion_corrections=1",
+                                         "separation.diffusion_pair_sweeps=3", "separation.diffusion_pair_steps=50",
+                                         "separation.diffusion_pair_corrections=0"],
     "projected-relabel-dense": PROJECTED + ["separation.diffusion_relabel_sigmas=[1.0,0.7,0.5,0.4,0.3,0.2,0.15,0.1,"
                                             "0.07,0.05,0.03]"],
 }
