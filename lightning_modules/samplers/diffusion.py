@@ -19,7 +19,8 @@ denoise call is needed). The posterior score is approximated in one of two ways:
       grad_{x_k} [log p(x_k) + log p(x_{N-1}(x))] = s_k(x_k) - (alpha_k / alpha_{N-1}) s_{N-1}(x_{N-1}).
 
   Only the free sources move (noise included), the last one is recomputed after every update, so
-  g(x) = m up to float rounding at every step.
+  g(x) = m up to float rounding at every step. Which source is derived is a choice (``dirac_derived``: the
+  last, any index, or one per chain), and it decides what the chains find.
 * ``projected``: the same constraint m = g(x), treated symmetrically. All sources are free; every
   update (noise included) is projected orthogonally onto the plane g(x) = m,
 
@@ -49,6 +50,10 @@ c / sigma^2 with c = 1 + sum_{k<N-1} (alpha_k / alpha_{N-1})^2 (N for equal weig
 has c = 1 + |alpha|^2 / gamma_scale^2; the projected one c = N / (N - 1). An Euler or Heun step multiplies
 that direction by about 1 - c (1 - sigma_{i+1} / sigma_hat), so it is stable only if
 sigma_{i+1} / sigma_hat > 1 - 2 / c (> 1/2 for four equal weights): use enough steps, more with churn.
+
+Pair refinement (``pair_sweeps``, ``pair_refinement.py``): after the N-source run, every pair of sources is
+re-separated by two-source runs of this sampler with the pair's sum held fixed, a move that can exchange whole
+components between slots, which no step above can.
 
 Trained range. No sigma asked of the score model exceeds the largest it was trained at
 (``largest_trained_sigma``): sigma_max is capped there, with a warning, and churn never raises sigma_hat
@@ -142,8 +147,8 @@ class DiffusionSeparator(nn.Module):
         self.s_churn, self.s_tmin, self.s_tmax, self.s_noise = s_churn, s_tmin, s_tmax, s_noise
         self.gamma_scale, self.corrections = gamma_scale, int(corrections)
         self.langevin_steps, self.langevin_eta = int(langevin_steps), langevin_eta
-        # Under the Dirac constraint the last source is (m - sum_k alpha_k x_k) / alpha_{N-1}: its noise has std
-        # sigma * sqrt(sum_{k<N-1} (alpha_k / alpha_{N-1})^2) (sqrt(N - 1) for equal weights), not sigma. "scaled"
+        # Under the Dirac constraint the derived source d is (m - sum_{k != d} alpha_k x_k) / alpha_d: its noise has
+        # std sigma * sqrt(sum_{k != d} (alpha_k / alpha_d)^2) (sqrt(N - 1) for equal weights), not sigma. "scaled"
         # asks its score at that level; "same" (ISDM) at sigma. For two equal weights the two agree.
         # Which source the Dirac constraint derives: "last", a source index, or "rotate" (chain c of a mixture
         # derives source N - 1 - c mod N, so chain 0 is "last"). It decides what the chains find: validation
@@ -312,7 +317,7 @@ class DiffusionSeparator(nn.Module):
 
         x = fresh() * self.sigmas[0]
         if projected and self.init == "noise" and self.initializer is None:
-            # As under Dirac, the last source starts with the mixture and the others at noise around 0. The
+            # As under Dirac, the derived source starts with the mixture and the others at noise around 0. The
             # projection of pure noise would start every source at the mixture, symmetric between the sources,
             # and the chains separate far worse from there (validation sine + square: +14 dB against +43).
             x = x + anchor * target / alpha_derived
