@@ -17,7 +17,7 @@ import torch
 
 from callbacks.separation_report import SeparationReport
 from datamodules.registry import build_datamodule, dataset_mixing
-from experiments.config import load_config
+from experiments.config import ConfigError, load_config
 from experiments.run_layout import experiment_dir, load_prior, mark_done, prior_dir
 from experiments.separate import build_separator, run_separation
 from experiments.separate_file import separate_file
@@ -616,3 +616,24 @@ def test_the_table_reuses_a_finished_entry_from_before_an_option_existed(tmp_pat
     assert finished_results(tmp_path, load_config("toy_flow", "default", ["separation.n_test=8"])) is None
     assert finished_results(tmp_path, load_config("toy_flow", "default", ["separation.n_test=32",
                                                                            "separation.init=variational"])) is None
+
+
+def test_the_derived_source_and_the_pair_refinement_reach_the_sampler_and_the_summary(score_run, caplog):
+    options = ["separation.n_test=2", "separation.museval=false", "separation.diffusion_dirac_derived=square",
+               "separation.diffusion_pair_sweeps=1", "separation.diffusion_pair_steps=3", "separation.name=pairs"]
+    config = load_config("toy_flow", "default", score_run + DIFFUSION + options)
+    separator = build_separator(config)[0]
+    assert separator.dirac_derived == list(config.data.sources).index("square")
+    assert separator.pair_sweeps == 1 and len(separator._pairs[1].sigmas) == 3 + 1
+    results, out_dir = run_separation(config)
+    assert json.loads((out_dir / "summary.json").read_text())["pair_moves_accepted"] == results["pair_moves_accepted"]
+    assert 0 <= results["pair_moves_accepted"]
+    for row in read_rows(out_dir):
+        assert float(row["mix_error"]) < 1e-10, row  # the main run's constraint holds for every estimate
+    subset = load_config("toy_flow", "default", score_run + DIFFUSION + options + ["separation.sources=[sine,saw]"])
+    with caplog.at_level("WARNING"):
+        assert build_separator(subset)[0].dirac_derived == "last"  # the preset's square is not separated here
+    assert "not separated here" in caplog.text
+    typo = load_config("toy_flow", "default", score_run + DIFFUSION + ["separation.diffusion_dirac_derived=sqare"])
+    with pytest.raises(ConfigError, match="sqare"):
+        build_separator(typo)
