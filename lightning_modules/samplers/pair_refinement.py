@@ -22,7 +22,6 @@ import torch
 from torch import nn
 
 
-
 def round_robin(n_sources):
     """Rounds of disjoint pairs covering every pair once (the circle method; odd N: one source rests per round)."""
     slots = list(range(n_sources)) + ([None] if n_sources % 2 else [])
