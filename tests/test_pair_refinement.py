@@ -84,7 +84,8 @@ class Proposing:
 
     def __call__(self, sums, n_chains, seeds):
         whole = sums / 0.25
-        splits = [torch.stack([whole, torch.zeros_like(whole)], dim=1), torch.stack([self.share, whole - self.share], 1)]
+        splits = [torch.stack([whole, torch.zeros_like(whole)], dim=1),
+                  torch.stack([self.share, whole - self.share], dim=1)]
         return torch.stack(splits, dim=1), {}
 
 
