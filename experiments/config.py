@@ -233,7 +233,7 @@ class SeparationConfig:
     diffusion_constraint: str = "dirac"
     diffusion_gamma_scale: float = 1.0  # gaussian constraint: gamma = gamma_scale * sigma
     diffusion_corrections: int = 0  # ISDM correction steps per level (re-noise and redo)
-    # dirac: the score of the last (derived) source at sigma (same, ISDM) or at its own noise level (scaled)
+    # dirac: the score of the derived source at sigma (same, ISDM) or at its own noise level (scaled)
     diffusion_dirac_last_sigma: str = "same"
     # dirac: the source derived from the others, m - sum: last (the last listed) | a source name | rotate (chain c
     # derives the (c+1)-th source from the end, so 4 chains of 4 sources try every choice and the selection picks)
@@ -245,7 +245,8 @@ class SeparationConfig:
     # sigmas (lightning_modules/samplers/relabel.py; score family only; [] = never)
     diffusion_relabel_sigmas: List[float] = field(default_factory=list)
     # > 2 sources: after the run, this many round-robins of pairwise re-separation (each pair's sum split afresh by
-    # a two-source run with the same schedule; lightning_modules/samplers/pair_refinement.py; equal weights only)
+    # two two-source runs, one deriving each source; lightning_modules/samplers/pair_refinement.py; equal weights
+    # and a selection score only)
     diffusion_pair_sweeps: int = 0
     diffusion_pair_steps: Optional[int] = None  # the pair runs' schedule length (None: diffusion_steps)
     diffusion_pair_corrections: Optional[int] = None  # their correction steps per level (None: diffusion_corrections)

@@ -301,3 +301,30 @@ def test_trace_and_score_call_bookkeeping():
 def test_invalid_arguments_are_rejected(bad, match):
     with pytest.raises(ValueError, match=match):
         DiffusionSeparator(GaussianPrior(MEANS, STDS), mixing_weights("mean", 4), **bad)
+
+
+def test_scaled_last_sigma_asks_the_derived_source_at_its_own_noise_level():
+    """dirac_last_sigma=scaled: the derived source's score is asked at sigma sqrt(sum_{k != d} (alpha_k / alpha_d)^2),
+    per chain when each chain derives another source (rotate), and every other source at sigma."""
+
+    class Recording(GaussianPrior):
+        noise_conditional = True
+
+        def __init__(self, *args):
+            super().__init__(*args)
+            self.levels = []
+
+        def score(self, x, sigma):
+            self.levels.append(sigma)
+            return super().score(x, sigma)
+
+    alpha = torch.tensor([0.2, 0.4, 0.4, 0.8])
+    prior = Recording(MEANS, STDS)
+    separator = DiffusionSeparator(prior, alpha, sigma_max=1.0, sigma_min=0.1, steps=2, solver="euler",
+                                   dirac_last_sigma="scaled", dirac_derived="rotate")
+    separator(gaussian_mixture(alpha, 16), n_chains=2, seeds=[0])
+    level = prior.levels[0]  # at sigma_max = 1: chain 0 derives source 3, chain 1 source 2
+    expected = torch.ones(2, 4)
+    expected[0, 3] = ((0.2**2 + 0.4**2 + 0.4**2) / 0.8**2) ** 0.5
+    expected[1, 2] = ((0.2**2 + 0.4**2 + 0.8**2) / 0.4**2) ** 0.5
+    torch.testing.assert_close(level, expected)

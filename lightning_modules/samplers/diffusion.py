@@ -161,6 +161,7 @@ class DiffusionSeparator(nn.Module):
         ratios = self.alpha.view(1, -1) / self.alpha.view(-1, 1)  # [derived d, k]: alpha_k / alpha_d
         scales = (ratios.pow(2).sum(dim=1) - 1).sqrt()  # sqrt(sum_{k != d} (alpha_k / alpha_d)^2)
         self.register_buffer("last_sigma_scales", scales if dirac_last_sigma == "scaled" else torch.ones_like(scales))
+        self.per_source_levels = bool((self.last_sigma_scales != 1).any())  # decided once, not at every score call
         self.initializer = None  # (mix, n_chains, seeds) -> [B * C, N, T] added to the first noise (separation.init)
         self.nonfinite_steps = 0
         self.relabelled_chains = 0  # chains relabelled at least once in the last forward
@@ -170,10 +171,10 @@ class DiffusionSeparator(nn.Module):
         if self.pair_sweeps and len(self.alpha) > 2:
             view = PairView(score_model)
             self._pairs = (view, DiffusionSeparator(
-                view, [float(self.alpha[0])] * 2, sigma_max, sigma_min, pair_steps or steps, rho, solver, s_churn,
-                s_tmin, s_tmax, s_noise, constraint, gamma_scale,
-                corrections if pair_corrections is None else pair_corrections, init, langevin_steps, langevin_eta,
-                dirac_derived="rotate"))
+                view, [float(self.alpha[0])] * 2, sigma_max, sigma_min, steps=pair_steps or steps, rho=rho,
+                solver=solver, s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise, constraint=constraint,
+                gamma_scale=gamma_scale, corrections=corrections if pair_corrections is None else pair_corrections,
+                init=init, langevin_steps=langevin_steps, langevin_eta=langevin_eta, dirac_derived="rotate"))
         cap = math.inf if self.sigma_cap is None else self.sigma_cap
         self.churn_capped_levels = sum(s * (1 + self._churn(s)) > cap for s in self.sigmas[:-1])
         if self.churn_capped_levels:
@@ -282,7 +283,7 @@ class DiffusionSeparator(nn.Module):
         def posterior_score(x, sigma):
             nonlocal nonfinite
             level = float(sigma)
-            if dirac and not bool((self.last_sigma_scales == 1).all()):  # each source at its own level: [B * C, N]
+            if dirac and self.per_source_levels:  # each source at its own noise level: [B * C, N]
                 level = float(sigma) * level_scale
             score = self.score_model.score(x, level).float()
             # A non-finite prior score would poison the chain for good: that chain skips this move

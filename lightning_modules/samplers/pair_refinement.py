@@ -87,8 +87,8 @@ def check_pairs(score_model, alpha, sweeps):
 def refine_pairs(pair_sampler, view, x, alpha, seeds, sweeps):
     """x [M, N, T] (M = B * C chains, ``seeds`` one per row) -> x after ``sweeps`` round-robins of pair runs, and
     the number of pair moves accepted. ``pair_sampler`` is a two-source DiffusionSeparator over ``view`` whose
-    chain c derives source 1 - c of the pair (dirac_derived="rotate"); it is run with two chains."""
-    check_pairs(view.prior, alpha, sweeps)
+    chain c derives source 1 - c of the pair (dirac_derived="rotate"); it is run with two chains. The settings
+    were checked once, by ``check_pairs``, when the N-source sampler was built."""
     selection = view.prior.selection_score
     weight = float(alpha[0])
     generators = [torch.Generator().manual_seed(int(s) + 7919) for s in seeds]  # a stream per chain
