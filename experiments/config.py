@@ -165,6 +165,9 @@ class PosteriorConfig:
     init_scale: float = 0.1
     min_scale: float = 1e-3
     gamma: float = 0.05  # std of the mixture likelihood N(m; g(s), gamma^2 I)
+    # A source name: the Dirac likelihood instead (lightning_modules/nn/dirac_posterior.py): q models the other
+    # sources and this one is what the mixture leaves, so samples sum to m exactly and gamma is unused.
+    derived: Optional[str] = None
     warmup_steps: int = 0  # the prior and entropy terms' weight rises linearly from 0 to 1 over these steps
     lr: float = 1e-3
     lr_decay_times: int = 0  # x0.6 this many times, evenly over max_steps

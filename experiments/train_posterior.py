@@ -44,6 +44,10 @@ def posterior_sources(config):
     if unknown or len(set(sources)) != len(sources) or len(sources) < 2:
         raise ConfigError(f"posterior.sources must be at least two distinct sources from the run's priors "
                           f"{list(config.data.sources)}; got {sources}")
+    derived = config.posterior.get("derived")
+    if derived is not None and derived not in sources:
+        raise ConfigError(f"posterior.derived={derived!r} is not one of the posterior's sources {sources}; "
+                          f"name one of them, or null for the Gaussian mixture likelihood")
     return sources
 
 
@@ -148,7 +152,7 @@ def build_module(config, sources, record, schedule=True):
     alpha = mixing_weights(dataset_mixing(config.data.name), len(sources))
     sigma = record["prior_sigma"] if record["score_sigma"] is None else record["score_sigma"]
     return PosteriorModule(net={key: post[key] for key in NET_KEYS}, sources=sources, alpha=alpha.tolist(),
-                           gamma=post.gamma, warmup_steps=post.warmup_steps, lr=post.lr,
+                           gamma=post.gamma, derived=post.derived, warmup_steps=post.warmup_steps, lr=post.lr,
                            lr_decay_times=post.lr_decay_times, schedule_steps=post.max_steps,
                            score_sigma=record["score_sigma"], seed=config.seed, prior_sigma=sigma, prior=prior,
                            schedule=prior_schedule)
@@ -178,11 +182,16 @@ def check_source(run_dir, record):
 def check_resume(config, sources):
     expected = {key: config.posterior[key] for key in NET_KEYS}
 
+    derived = config.posterior.get("derived")
+
     def check(path, hparams):
         if hparams.get("sources") != sources or hparams.get("net") != expected:
             raise ValueError(f"checkpoint {path} is a posterior for {hparams.get('sources')} with "
                              f"{hparams.get('net')}, not this configuration ({sources}, {expected}); use its "
                              f"settings or another posterior.name")
+        if hparams.get("derived") != derived:
+            raise ValueError(f"checkpoint {path} was trained with posterior.derived={hparams.get('derived')}, not "
+                             f"{derived}; use its setting or another posterior.name")
     return check
 
 

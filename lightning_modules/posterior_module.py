@@ -4,6 +4,9 @@ against frozen priors, from mixtures only: a training batch is ``{"mix", "index"
 
     loss = -mean_b [ w (sum_k E_q log p_k(s_k) + sum_k H[q_k]) + E_q log N(m; g(s), gamma^2 I) ]
 
+With ``derived`` (a source name) the likelihood is the Dirac delta(m - g(s)) instead: that source is derived
+from the others (lightning_modules/nn/dirac_posterior.py), the mixture term is 0 and gamma unused.
+
 ``w`` (the KL warm-up) rises linearly from 0 to 1 over ``warmup_steps``. A step whose loss or gradient is not
 finite on any rank is skipped on every rank. Validation logs the ELBO at fixed noise and, as a monitor
 only (nothing is selected or stopped on it), the SI-SDRi of the posterior mean against the references.
@@ -20,6 +23,7 @@ import math
 import pytorch_lightning as pl
 import torch
 
+from lightning_modules.nn.dirac_posterior import DiracPosterior
 from lightning_modules.nn.elbo import elbo_terms, elbo_value
 from lightning_modules.nn.posterior_net import PosteriorNet, PosteriorNetConfig
 from lightning_modules.prior_module import any_rank, mix_seed, restore_rng_states, save_rng_states
@@ -30,7 +34,7 @@ FROZEN_PREFIXES = ("prior.", "prior_schedule.")
 
 
 class PosteriorModule(pl.LightningModule):
-    def __init__(self, net: dict, sources: list, alpha: list, gamma: float = 0.05, warmup_steps: int = 0,
+    def __init__(self, net: dict, sources: list, alpha: list, gamma: float = 0.05, derived=None, warmup_steps: int = 0,
                  lr: float = 1e-3, lr_decay_times: int = 0, schedule_steps: int = 1000, score_sigma=None,
                  seed: int = 0, prior_sigma=None, prior=None, schedule=None):
         super().__init__()
@@ -40,6 +44,8 @@ class PosteriorModule(pl.LightningModule):
             raise ValueError(f"posterior.warmup_steps must be >= 0, got {warmup_steps}")
         if len(alpha) != len(sources):
             raise ValueError(f"one mixing weight per source is needed: {alpha} for {sources}")
+        if derived is not None and derived not in sources:
+            raise ValueError(f"posterior.derived={derived!r} is not one of the sources {list(sources)}")
         if schedule is not None and prior is None:
             raise ValueError("a prior schedule needs ``prior``, its finest level, for validation and separation")
         self.save_hyperparameters(ignore=["prior", "schedule"])
@@ -65,7 +71,10 @@ class PosteriorModule(pl.LightningModule):
         return self
 
     def posterior(self, mix):
-        return self.net(mix.float(), self.alpha)
+        q = self.net(mix.float(), self.alpha)
+        if self.hparams.get("derived") is None:
+            return q
+        return DiracPosterior(q, mix, self.alpha, self.sources.index(self.hparams.derived))
 
     def kl_weight(self):
         steps = self.hparams.warmup_steps
@@ -95,6 +104,8 @@ class PosteriorModule(pl.LightningModule):
         low, high = -1 + 1e-3, 1 - 1e-3  # the truncated normal keeps its location inside the support
         loc = references.clamp(low, high) if self.net.config.distribution == "truncated_normal" else references
         q = self.net.distribution(loc, scale)
+        if self.hparams.get("derived") is not None:
+            q = DiracPosterior(q, mix, self.alpha, self.sources.index(self.hparams.derived))
         uniform = torch.rand(references.shape, generator=generator, device=mix.device)
         return elbo_value(elbo_terms(q, self.prior, mix, self.alpha, self.hparams.gamma, uniform, self.hparams.score_sigma))
 

@@ -9,7 +9,8 @@ with g(s) = sum_k alpha_k s_k. Per term:
   same gradient, ``<score(s, sigma), s> / T`` with the score held constant; its value is not a
   log-likelihood and is reported as NaN.
 * entropy: exact (the posterior's closed form), averaged over samples.
-* mixture: exact. q factorises over sources and samples, so
+* mixture: exact; 0 under the Dirac likelihood (a posterior with ``exact_mixture``, whose samples sum to m).
+  Otherwise q factorises over sources and samples, so
   E||m - g(s)||^2 = ||m - g(E s)||^2 + sum_k alpha_k^2 Var(s_k) at every sample.
 """
 import math
@@ -46,5 +47,9 @@ def elbo_terms(posterior, prior, mix, alpha, gamma, uniform, score_sigma=None):
     ``uniform`` [B, N, T] in (0, 1) drives the reparameterised sample (the caller seeds it)."""
     samples = posterior.rsample(uniform)
     value, objective = prior_term(prior, samples, score_sigma)
+    if getattr(posterior, "exact_mixture", False):  # the Dirac likelihood: g(s) = m for every sample
+        mixture = torch.zeros(mix.shape[0], device=mix.device)
+    else:
+        mixture = mixture_term(posterior, mix.float(), alpha, gamma)
     return {"prior": value, "prior_objective": objective, "entropy": posterior.entropy().float().mean(dim=2),
-            "mixture": mixture_term(posterior, mix.float(), alpha, gamma), "samples": samples}
+            "mixture": mixture, "samples": samples}
