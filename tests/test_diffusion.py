@@ -276,6 +276,34 @@ def test_with_a_flat_score_only_the_injected_noise_moves_the_free_sources():
     assert torch.allclose(samples[0], start.expand(2, -1, -1), atol=1e-3)
 
 
+def test_a_variational_start_is_the_posterior_sample_noised_to_sigma_max():
+    """separation.init=variational: the chains start at the initializer's sample plus N(0, sigma_max^2) on the
+    free sources (the derived one follows from the mixture); a zero score keeps them there."""
+
+    class Flat(torch.nn.Module):
+        def score(self, x, sigma):
+            return torch.zeros_like(x)
+
+    alpha = torch.tensor(UNEVEN)
+    mix = gaussian_mixture(alpha, 4096)
+    start = 0.3 * torch.randn(2, 4, 4096, generator=torch.Generator().manual_seed(5))  # [B * C, N, T]
+    calls = []
+
+    def posterior_sample(mix_, n_chains, seeds):
+        calls.append((n_chains, list(seeds)))
+        return start
+
+    for sigma_max, spread in ((0.4, 0.4), (1e-4, 0.0)):
+        separator = DiffusionSeparator(Flat(), alpha, sigma_max=sigma_max, sigma_min=sigma_max / 4, steps=3)
+        separator.initializer = posterior_sample
+        samples, _ = separator(mix, n_chains=2, seeds=[7])
+        deviation = samples[0, :, :3] - start[:, :3]
+        assert deviation.std().item() == pytest.approx(spread, abs=0.01)
+        assert deviation.mean().abs().item() < 0.01
+        assert torch.allclose((alpha.view(1, -1, 1) * samples[0]).sum(dim=1), mix, atol=1e-4)
+    assert calls == [(2, [7]), (2, [7])]
+
+
 def test_trace_and_score_call_bookkeeping():
     alpha = mixing_weights("mean", 4)
     model = Counting(GaussianPrior(MEANS, STDS))
