@@ -246,6 +246,13 @@ def test_any_derived_source_follows_the_hand_computation(derived):
     assert torch.allclose(x2[0], expected, atol=1e-5)
 
 
+class Flat(torch.nn.Module):
+    """A zero score: only the noise the sampler injects moves the chains."""
+
+    def score(self, x, sigma):
+        return torch.zeros_like(x)
+
+
 def test_with_a_flat_score_only_the_injected_noise_moves_the_free_sources():
     """Zero score: the free sources end at the start plus every noise the sampler adds, which has variance
 
@@ -253,10 +260,6 @@ def test_with_a_flat_score_only_the_injected_noise_moves_the_free_sources():
                 + corrections * (sigma_0^2 - sigma_min^2)  (re-noising, on the moves between positive levels)
                 + langevin_steps * 2 * langevin_eta * sigma_min^2.
     """
-
-    class Flat(torch.nn.Module):
-        def score(self, x, sigma):
-            return torch.zeros_like(x)
 
     alpha = torch.tensor(UNEVEN)
     mix = gaussian_mixture(alpha, 4096)
@@ -279,10 +282,6 @@ def test_with_a_flat_score_only_the_injected_noise_moves_the_free_sources():
 def test_a_variational_start_is_the_posterior_sample_noised_to_sigma_max():
     """separation.init=variational: the chains start at the initializer's sample plus N(0, sigma_max^2) on the
     free sources (the derived one follows from the mixture); a zero score keeps them there."""
-
-    class Flat(torch.nn.Module):
-        def score(self, x, sigma):
-            return torch.zeros_like(x)
 
     alpha = torch.tensor(UNEVEN)
     mix = gaussian_mixture(alpha, 4096)
