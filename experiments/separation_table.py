@@ -168,7 +168,8 @@ def fmt(value, digits=2):
 def markdown(rows, preset):
     lines = [f"# Separation league table (preset {preset})", "",
              "The first 32 toy test mixtures of 4096 samples (mean mixing), C = 4 chains each (diffusion-score and "
-             "diffusion-score-from-variational: C = 2; latent-lqvae: C = 16 candidates); means over mixtures, dB. posterior mean: the variational posterior's E_q[s] (no chain).",
+             "diffusion-score-from-variational: C = 2; latent-lqvae: C = 16 candidates); means over mixtures, dB. "
+             "posterior mean: the variational posterior's E_q[s] (no chain).",
              "selected of C: the chain the method's own prior ranks highest (log-likelihood for flows, the denoising "
              "score for score priors); oracle of C: the chain with the best mean SI-SDR against the references "
              "(an upper bound, the only rows that see them). Wall time: seconds per second of mixture audio "

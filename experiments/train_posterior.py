@@ -44,10 +44,6 @@ def posterior_sources(config):
     if unknown or len(set(sources)) != len(sources) or len(sources) < 2:
         raise ConfigError(f"posterior.sources must be at least two distinct sources from the run's priors "
                           f"{list(config.data.sources)}; got {sources}")
-    derived = config.posterior.get("derived")
-    if derived is not None and derived not in sources:
-        raise ConfigError(f"posterior.derived={derived!r} is not one of the posterior's sources {sources}; "
-                          f"name one of them, or null for the Gaussian mixture likelihood")
     return sources
 
 

@@ -45,7 +45,8 @@ class PosteriorModule(pl.LightningModule):
         if len(alpha) != len(sources):
             raise ValueError(f"one mixing weight per source is needed: {alpha} for {sources}")
         if derived is not None and derived not in sources:
-            raise ValueError(f"posterior.derived={derived!r} is not one of the sources {list(sources)}")
+            raise ValueError(f"posterior.derived={derived!r} is not one of the posterior's sources {list(sources)}; "
+                             f"name one of them, or null for the Gaussian mixture likelihood")
         if schedule is not None and prior is None:
             raise ValueError("a prior schedule needs ``prior``, its finest level, for validation and separation")
         self.save_hyperparameters(ignore=["prior", "schedule"])
@@ -71,7 +72,10 @@ class PosteriorModule(pl.LightningModule):
         return self
 
     def posterior(self, mix):
-        q = self.net(mix.float(), self.alpha)
+        return self.constrained(self.net(mix.float(), self.alpha), mix)
+
+    def constrained(self, q, mix):
+        """``q`` under the Dirac likelihood when ``derived`` names a source, else ``q`` itself."""
         if self.hparams.get("derived") is None:
             return q
         return DiracPosterior(q, mix, self.alpha, self.sources.index(self.hparams.derived))
@@ -103,9 +107,7 @@ class PosteriorModule(pl.LightningModule):
         """ELBO [B] of the posterior with the true sources as its location and ``scale``."""
         low, high = -1 + 1e-3, 1 - 1e-3  # the truncated normal keeps its location inside the support
         loc = references.clamp(low, high) if self.net.config.distribution == "truncated_normal" else references
-        q = self.net.distribution(loc, scale)
-        if self.hparams.get("derived") is not None:
-            q = DiracPosterior(q, mix, self.alpha, self.sources.index(self.hparams.derived))
+        q = self.constrained(self.net.distribution(loc, scale), mix)
         uniform = torch.rand(references.shape, generator=generator, device=mix.device)
         return elbo_value(elbo_terms(q, self.prior, mix, self.alpha, self.hparams.gamma, uniform, self.hparams.score_sigma))
 

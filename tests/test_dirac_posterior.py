@@ -7,7 +7,7 @@ from lightning_modules.nn.elbo import elbo_terms
 from lightning_modules.nn.gaussian_prior import GaussianPrior
 from lightning_modules.nn.posterior_net import Normal
 from lightning_modules.posterior_module import PosteriorModule
-from tests.test_variational import tiny_posterior
+from tests.test_variational import fit_on_mixtures, tiny_posterior
 
 
 def test_samples_sum_to_the_mixture_and_the_derived_source_has_no_entropy():
@@ -55,18 +55,13 @@ def test_training_finds_the_closed_form_posterior_on_the_constraint():
     torch.manual_seed(0)
     module = PosteriorModule(net={"width": 16, "n_layers": 3, "distribution": "normal", "init_scale": 0.2},
                              sources=["a", "b"], alpha=alpha.tolist(), derived="b", prior=prior)
-    optimizer = torch.optim.Adam(module.net.parameters(), lr=3e-3)
     generator = torch.Generator().manual_seed(0)
 
     def mixtures(n):
         s = means.view(1, 2, 1) + stds.view(1, 2, 1) * torch.randn(n, 2, 96, generator=generator)
         return (alpha.view(1, 2, 1) * s).sum(dim=1)
 
-    for _ in range(400):
-        *_, objective = module.elbo(mixtures(8), generator)
-        optimizer.zero_grad()
-        (-objective.mean()).backward()
-        optimizer.step()
+    fit_on_mixtures(module, mixtures, generator)
     mix = mixtures(8)
     with torch.no_grad():
         q = module.posterior(mix)
@@ -82,5 +77,5 @@ def test_training_finds_the_closed_form_posterior_on_the_constraint():
 
 
 def test_an_unknown_derived_source_is_refused():
-    with pytest.raises(ValueError, match="posterior.derived='c' is not one of the sources"):
+    with pytest.raises(ValueError, match="posterior.derived='c' is not one of the posterior's sources"):
         PosteriorModule(net={"width": 8, "n_layers": 2}, sources=["a", "b"], alpha=[0.5, 0.5], derived="c")

@@ -89,6 +89,16 @@ def test_elbo_terms_match_a_monte_carlo_estimate_by_hand(distribution):
     assert torch.allclose(elbo, by_hand, rtol=0.02)
 
 
+def fit_on_mixtures(module, mixtures, generator, steps=400):
+    """Adam on the module's ELBO objective, a fresh batch of 8 ``mixtures(8)`` per step."""
+    optimizer = torch.optim.Adam(module.net.parameters(), lr=3e-3)
+    for _ in range(steps):
+        *_, objective = module.elbo(mixtures(8), generator)
+        optimizer.zero_grad()
+        (-objective.mean()).backward()
+        optimizer.step()
+
+
 def test_posterior_trained_against_gaussian_priors_finds_the_closed_form_posterior():
     """Mean-field Gaussian VI of a Gaussian posterior is exact in the mean; its variances are 1 / precision_kk."""
     prior = GaussianPrior([0.2, -0.3], [0.25, 0.4])
@@ -96,18 +106,13 @@ def test_posterior_trained_against_gaussian_priors_finds_the_closed_form_posteri
     torch.manual_seed(0)
     module = PosteriorModule(net={"width": 16, "n_layers": 3, "distribution": "normal", "init_scale": 0.2},
                              sources=["a", "b"], alpha=alpha, gamma=gamma, prior=prior)
-    optimizer = torch.optim.Adam(module.net.parameters(), lr=3e-3)
     generator = torch.Generator().manual_seed(0)
 
     def mixtures(n):  # m = g(s) + N(0, gamma^2), s from the priors
         s = prior.means.view(1, 2, 1) + prior.variances.sqrt().view(1, 2, 1) * torch.randn(n, 2, 96, generator=generator)
         return (torch.tensor(alpha).view(1, 2, 1) * s).sum(dim=1) + gamma * torch.randn(n, 96, generator=generator)
 
-    for _ in range(400):
-        *_, objective = module.elbo(mixtures(8), generator)
-        optimizer.zero_grad()
-        (-objective.mean()).backward()
-        optimizer.step()
+    fit_on_mixtures(module, mixtures, generator)
     mix = mixtures(8)
     with torch.no_grad():
         q = module.posterior(mix)
