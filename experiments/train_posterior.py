@@ -12,15 +12,17 @@ belongs to its last level, which validation and separation use. The training mix
 sources (datamodules/mixtures_only.py). Rerunning an interrupted command resumes; a changed prior (at any
 level) is refused.
 """
+import hashlib
 import json
 import logging
+import time
 from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
 
 from callbacks.atomic_checkpoint_io import read_checkpoint
-from datamodules.atomic_io import atomic_write_text, file_sha256
+from datamodules.atomic_io import atomic_write, atomic_write_text, file_sha256
 from datamodules.mixtures_only import MixtureDataModule
 from datamodules.registry import build_datamodule, dataset_mixing
 from experiments.config import ConfigError, to_dict
@@ -28,6 +30,7 @@ from experiments.fitting import fit
 from experiments.run_layout import (canonical_sigma, experiment_dir, finished_priors, is_done, load_prior,
                                    no_prior_error, prior_dir)
 from lightning_modules.samplers.mixing import mixing_weights
+from lightning_modules.samplers.prior_sampling import sample_score_prior
 from lightning_modules.samplers.level_score import log_distance
 from lightning_modules.nn.source_subset import SourceSubset
 from lightning_modules.nn.prior_schedule import PriorSchedule
@@ -122,7 +125,40 @@ def source_record(config, sources):
             "sources": sources, "prior_sigmas": [level["sigma"] for level in levels], "levels": levels}
 
 
-def build_module(config, sources, record, schedule=True):
+def sleep_bank(config, prior, sources, record):
+    """The sleep phase's draws [sleep_draws, N, length] of the frozen priors, or None without a sleep phase.
+    Seeded by the run seed and kept in {experiment}/sleep_banks/ under a key of everything they depend on (the
+    prior's sha256 included), so a resumed run or another posterior of the same priors reuses them."""
+    post = config.posterior
+    if post.sleep_steps == 0:
+        return None
+    if not hasattr(prior, "denoise"):
+        raise ConfigError(f"posterior.sleep_steps needs priors that can be sampled: the score family's denoisers "
+                          f"(experiment {config.experiment} has {config.model.name} priors); set sleep_steps=0")
+    crop = post.crop_length or config.data.crop_length
+    length = post.sleep_draw_length or 2 * crop
+    if length < crop or post.sleep_draws < 1:
+        raise ConfigError(f"posterior.sleep_draws must be >= 1 and sleep_draw_length >= the crop ({crop}); got "
+                          f"{post.sleep_draws}, {length}")
+    key = {"prior_sha256": record["sha256"], "sources": list(sources), "draws": post.sleep_draws, "length": length,
+           "steps": post.sleep_sampler_steps, "churn": post.sleep_churn, "seed": config.seed}
+    path = experiment_dir(config) / "sleep_banks" / (hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16] + ".pt")
+    if path.is_file():
+        log.info("sleep bank: %s", path)
+        return torch.load(path, weights_only=True)
+    generator = torch.Generator().manual_seed(config.seed + 7919)
+    started = time.perf_counter()
+    draws = sample_score_prior(prior, post.sleep_draws, len(sources), length, generator, post.sleep_sampler_steps,
+                               post.sleep_churn)
+    log.info("sleep bank: %d draws of %d samples per source in %.0f s -> %s", post.sleep_draws, length,
+             time.perf_counter() - started, path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda handle: torch.save(draws, handle), binary=True)
+    atomic_write_text(path.with_suffix(".json"), json.dumps(key, indent=2))
+    return draws
+
+
+def build_module(config, sources, record, schedule=True, sleep=False):
     """The posterior module with its frozen prior(s); ``schedule=False`` loads only the finest level (the
     finished posterior's use: validation and separation never see the coarser ones)."""
     loaded = {}
@@ -134,6 +170,7 @@ def build_module(config, sources, record, schedule=True):
         return loaded[directory]
 
     prior, post = level(record["prior_dir"]), config.posterior
+    bank = sleep_bank(config, prior, sources, record) if sleep else None
     prior_schedule = None
     if schedule and record.get("levels"):
         sigmas = [entry["sigma"] for entry in record["levels"]]
@@ -150,8 +187,8 @@ def build_module(config, sources, record, schedule=True):
     return PosteriorModule(net={key: post[key] for key in NET_KEYS}, sources=sources, alpha=alpha.tolist(),
                            gamma=post.gamma, derived=post.derived, warmup_steps=post.warmup_steps, lr=post.lr,
                            lr_decay_times=post.lr_decay_times, schedule_steps=post.max_steps,
-                           score_sigma=record["score_sigma"], seed=config.seed, prior_sigma=sigma, prior=prior,
-                           schedule=prior_schedule)
+                           score_sigma=record["score_sigma"], seed=config.seed, prior_sigma=sigma,
+                           sleep_steps=post.sleep_steps, prior=prior, schedule=prior_schedule, bank=bank)
 
 
 def check_source(run_dir, record):
@@ -203,7 +240,7 @@ def train_posterior(config):
                                          "crop_length": post.crop_length or config.data.crop_length})
     base = build_datamodule(data, seed=config.seed, output_root=config.output_root)
     torch.manual_seed(config.seed)  # the initial weights depend on the seed only
-    module = build_module(config, sources, record)
+    module = build_module(config, sources, record, sleep=not is_done(run_dir))  # a finished run draws no bank
     datamodule = MixtureDataModule(base, module.alpha.tolist(), independent=config.data.name != "toy",
                                    batch_size=post.batch_size)
     if not is_done(run_dir):

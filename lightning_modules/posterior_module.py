@@ -17,6 +17,11 @@ checkpoint and its sha256, and loading refuses a changed prior.
 ``schedule`` (a ``PriorSchedule``, ``posterior.prior_sigmas``): training steps go through the prior levels
 coarse to fine, the stage a function of the global step; ``prior`` (with ``score_sigma``) is then the last,
 finest level, which validation and separation use. No level is saved in the checkpoint either.
+
+``sleep_steps`` (wake-sleep): the first steps are the sleep phase instead, the forward KL of the model's own
+joint: q maximises log q(s | m) on sources ``s`` drawn from the priors and their mixture ``m`` (a ``SleepBank``,
+lightning_modules/nn/sleep_bank.py; the batch's mixtures are unused); the ELBO steps (the wake phase) follow.
+The sleep phase needs neither references nor the prior's log-density, only its samples.
 """
 import math
 
@@ -26,6 +31,7 @@ import torch
 from lightning_modules.nn.dirac_posterior import DiracPosterior
 from lightning_modules.nn.elbo import elbo_terms, elbo_value
 from lightning_modules.nn.posterior_net import PosteriorNet, PosteriorNetConfig
+from lightning_modules.nn.sleep_bank import SleepBank
 from lightning_modules.prior_module import any_rank, mix_seed, restore_rng_states, save_rng_states
 from lightning_modules.metrics.separation_metrics import si_sdr, si_sdr_of_mix
 
@@ -36,7 +42,7 @@ FROZEN_PREFIXES = ("prior.", "prior_schedule.")
 class PosteriorModule(pl.LightningModule):
     def __init__(self, net: dict, sources: list, alpha: list, gamma: float = 0.05, derived=None, warmup_steps: int = 0,
                  lr: float = 1e-3, lr_decay_times: int = 0, schedule_steps: int = 1000, score_sigma=None,
-                 seed: int = 0, prior_sigma=None, prior=None, schedule=None):
+                 seed: int = 0, prior_sigma=None, sleep_steps: int = 0, prior=None, schedule=None, bank=None):
         super().__init__()
         if not (math.isfinite(gamma) and gamma > 0):
             raise ValueError(f"posterior.gamma must be a positive number, got {gamma!r}")
@@ -47,14 +53,17 @@ class PosteriorModule(pl.LightningModule):
         if derived is not None and derived not in sources:
             raise ValueError(f"posterior.derived={derived!r} is not one of the posterior's sources {list(sources)}; "
                              f"name one of them, or null for the Gaussian mixture likelihood")
+        if sleep_steps < 0:
+            raise ValueError(f"posterior.sleep_steps must be >= 0, got {sleep_steps}")
         if schedule is not None and prior is None:
             raise ValueError("a prior schedule needs ``prior``, its finest level, for validation and separation")
-        self.save_hyperparameters(ignore=["prior", "schedule"])
+        self.save_hyperparameters(ignore=["prior", "schedule", "bank"])
         self.sources = list(sources)
         self.net = PosteriorNet(len(self.sources), PosteriorNetConfig(**net))
         self.register_buffer("alpha", torch.as_tensor(alpha, dtype=torch.float32), persistent=False)
         self.prior = prior
         self.prior_schedule = schedule
+        self.bank = bank if bank is None or isinstance(bank, SleepBank) else SleepBank(bank)
         for frozen in (prior, schedule):
             if frozen is not None:
                 frozen.eval()
@@ -111,12 +120,36 @@ class PosteriorModule(pl.LightningModule):
         uniform = torch.rand(references.shape, generator=generator, device=mix.device)
         return elbo_value(elbo_terms(q, self.prior, mix, self.alpha, self.hparams.gamma, uniform, self.hparams.score_sigma))
 
+    def sleep_loss(self, size, length, generator):
+        """-mean log q(s | m) on ``size`` (sources, mixture) pairs of the sleep bank: the sleep phase's loss."""
+        derived = self.hparams.get("derived")
+        gamma = 0.0 if derived is not None else self.hparams.gamma  # the Dirac likelihood adds no noise
+        sources, mix = self.bank.batch(size, length, self.alpha.cpu(), generator, gamma)
+        sources, mix = sources.to(self.device), mix.to(self.device)
+        q = self.net(mix, self.alpha)
+        if self.net.config.distribution == "truncated_normal":  # a prior draw may step outside [-1, 1]
+            sources = sources.clamp(-1 + 1e-3, 1 - 1e-3)
+        log_prob = q.log_prob(sources)  # [B, N, T]
+        if derived is not None:  # q's entry for the derived source is not used: the mixture gives it
+            log_prob = log_prob[:, [k for k, name in enumerate(self.sources) if name != derived]]
+        return -log_prob.mean()
+
+    def sleeping(self):
+        return self.global_step < self.hparams.get("sleep_steps", 0)
+
     def training_step(self, batch, batch_idx):
         if "sources" in batch:
             raise ValueError("the posterior trains on mixtures only, but its training batch carries 'sources'; "
                              "wrap the datamodule in datamodules.mixtures_only.MixtureDataModule")
         seed = mix_seed(self.hparams.seed, self.global_rank, self.global_step, batch_idx)
         generator = torch.Generator(device=self.device).manual_seed(seed)
+        if self.sleeping():
+            if self.bank is None:
+                raise ValueError("posterior.sleep_steps > 0 needs a sleep bank of prior draws (train_posterior builds it)")
+            loss = self.sleep_loss(*batch["mix"].shape, torch.Generator().manual_seed(seed))
+            self.skip = bool(any_rank(self, ~torch.isfinite(loss.detach()).view(1)))
+            self.log("train/sleep_nll", loss.detach(), prog_bar=True)
+            return loss.nan_to_num(0.0, 0.0, 0.0) * 0 if self.skip else loss
         prior, score_sigma, sigma = self.training_level()
         _, terms, elbo, objective = self.elbo(batch["mix"], generator, (prior, score_sigma))
         loss = -objective.mean()
