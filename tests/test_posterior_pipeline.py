@@ -141,6 +141,7 @@ def test_separation_errors_name_the_fix(posterior_run, args, message, capsys):
     ("toy_flow", ["posterior.gamma=0"], "posterior.gamma must be a positive number"),
     ("toy_flow", ["posterior.sources=[sine,drums]"], "posterior.sources must be"),
     ("toy_flow", ["posterior.derived=drums"], "posterior.derived='drums' is not one of the posterior's sources"),
+    ("toy_flow", ["posterior.name=sleep", "posterior.sleep_steps=5"], "needs priors that can be sampled"),
     ("toy_lqvae", [], "separation.algorithm=latent"),
     ("toy_wavenet", [], "model.likelihood=smoothed"),
 ])

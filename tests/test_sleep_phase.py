@@ -1,13 +1,19 @@
 """Wake-sleep's sleep phase for the amortised posterior: prior draws, the bank's mixtures, and what q learns."""
+import csv
+import json
 from unittest.mock import PropertyMock, patch
 
 import pytest
 import torch
 
+from experiments.cli import main
+from experiments.config import load_config
+from experiments.train import train_noiseless
 from lightning_modules.nn.gaussian_prior import GaussianPrior
 from lightning_modules.nn.sleep_bank import SleepBank
 from lightning_modules.posterior_module import PosteriorModule
 from lightning_modules.samplers.prior_sampling import sample_score_prior
+from tests.conftest import TINY_POSTERIOR, TINY_SCORE, logged
 
 
 def test_prior_draws_have_the_priors_moments_and_depend_on_the_generator_alone():
@@ -84,3 +90,31 @@ def test_sleep_steps_come_first_then_the_elbo():
     assert "train/mixture" in logged and "train/sleep_nll" not in logged
     with pytest.raises(ValueError, match="sleep_steps must be >= 0"):
         PosteriorModule(net={}, sources=["a", "b"], alpha=[0.5, 0.5], prior=prior, sleep_steps=-1)
+
+
+def test_make_train_posterior_sleeps_on_a_cached_bank_then_wakes(tmp_path):
+    root = tmp_path / "runs"
+    common = TINY_SCORE + [f"output_root={root}"]
+    train_noiseless(load_config("toy_score", "default", common))
+    sleep = [*TINY_POSTERIOR, "posterior.prior_sigma=0.1", "posterior.sleep_steps=20", "posterior.sleep_draws=6",
+             "posterior.sleep_sampler_steps=4", "posterior.sources=[sine,square]"]
+    assert main(["train-posterior", "experiment=toy_score", *common, *sleep]) == 0
+    posterior = root / "toy_score" / "default" / "posterior" / "sine-square"
+    with open(posterior / "logs" / "metrics.csv") as stream:
+        rows = [row for row in csv.DictReader(stream) if row.get("step")]
+    steps = lambda key: {int(row["step"]) for row in rows if row.get(key)}
+    assert {4, 9, 14, 19} <= steps("train/sleep_nll") and min(steps("train/mixture")) >= 20  # sleep, then the ELBO
+    nll = logged(posterior, "train/sleep_nll")
+    assert nll[-1] < nll[0]
+    banks = sorted((root / "toy_score" / "default" / "sleep_banks").iterdir())
+    assert [bank.suffix for bank in banks] == [".json", ".pt"]
+    draws = torch.load(banks[1], weights_only=True)
+    assert draws.shape == (6, 2, 512) and torch.isfinite(draws).all()
+    key = json.loads(banks[0].read_text())
+    assert key["sources"] == ["sine", "square"] and len(key["prior_sha256"]) == 64
+    # Another posterior of the same priors reuses the bank; a finished one draws none.
+    before = banks[1].stat().st_mtime_ns
+    with patch("experiments.train_posterior.sample_score_prior", side_effect=AssertionError("drew again")):
+        assert main(["train-posterior", "experiment=toy_score", *common, *sleep, "posterior.name=again"]) == 0
+        assert main(["train-posterior", "experiment=toy_score", *common, *sleep, "posterior.name=again"]) == 0
+    assert banks[1].stat().st_mtime_ns == before
