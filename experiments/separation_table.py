@@ -18,7 +18,7 @@ import logging
 import sys
 from pathlib import Path
 
-from datamodules.atomic_io import atomic_write, atomic_write_text
+from datamodules.atomic_io import atomic_write, atomic_write_text, file_sha256
 from experiments.config import ConfigError, load_config
 
 log = logging.getLogger(__name__)
@@ -98,7 +98,15 @@ def finished_results(out_dir, config):
         return None
     # An option missing from an older run did not exist yet: that run had its default behaviour.
     stored = {**asdict(SeparationConfig()), **stored}
-    return results if stored == to_dict(config.separation) else None
+    if stored != to_dict(config.separation):
+        return None
+    # A run that used a trained posterior is reused only with that very posterior (older runs did not record it).
+    for key in ("posterior", "init_posterior"):
+        used = results["config"].get(key)
+        checkpoint = Path(used["posterior_dir"]) / "last.ckpt" if used else None
+        if used and not (checkpoint.is_file() and used.get("posterior_sha256") == file_sha256(checkpoint)):
+            return None
+    return results
 
 
 def entry_overrides(entry, sources, special, overrides):

@@ -274,4 +274,4 @@ def load_posterior(config, sources, name=None):
     if missing or unexpected:
         raise ValueError(f"{run_dir / 'last.ckpt'} does not match the posterior network: missing {missing}, "
                          f"unexpected {unexpected}")
-    return module.eval(), {**record, "posterior_dir": str(run_dir)}
+    return module.eval(), {**record, "posterior_dir": str(run_dir), "posterior_sha256": file_sha256(run_dir / "last.ckpt")}

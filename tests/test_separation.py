@@ -618,6 +618,26 @@ def test_the_table_reuses_a_finished_entry_from_before_an_option_existed(tmp_pat
                                                                            "separation.init=variational"])) is None
 
 
+def test_the_table_reuses_a_posteriors_entry_only_with_that_very_posterior(tmp_path):
+    from datamodules.atomic_io import file_sha256
+    from experiments.config import to_dict
+    from experiments.separation_table import finished_results
+
+    config = load_config("toy_flow", "default", ["separation.algorithm=variational"])
+    posterior = tmp_path / "posterior"
+    posterior.mkdir()
+    (posterior / "last.ckpt").write_bytes(b"trained once")
+    used = {"posterior_dir": str(posterior), "posterior_sha256": file_sha256(posterior / "last.ckpt")}
+    summary = {"config": {"separation": to_dict(config.separation), "posterior": used}, "summary": {}}
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    assert finished_results(tmp_path, config) is not None
+    (posterior / "last.ckpt").write_bytes(b"trained again")  # e.g. a new default recipe under the same name
+    assert finished_results(tmp_path, config) is None
+    del used["posterior_sha256"]  # a run from before the checkpoint was recorded
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    assert finished_results(tmp_path, config) is None
+
+
 def test_the_derived_source_and_the_pair_refinement_reach_the_sampler_and_the_summary(score_run, caplog):
     options = ["separation.n_test=2", "separation.museval=false", "separation.diffusion_dirac_derived=square",
                "separation.diffusion_pair_sweeps=1", "separation.diffusion_pair_steps=3", "separation.name=pairs"]
