@@ -11,6 +11,7 @@ the songs: it probes every file with ffprobe on each start, and one corrupt file
 list the folders ourselves and build musdb's track objects (STEMS) one song at a time.
 """
 import logging
+import warnings
 from pathlib import Path
 
 import musdb
@@ -61,6 +62,10 @@ def detect_is_wav(folder):
                              f"Expected layout:\n{LAYOUT}")
 
 
+class UnequalStemsWarning(UserWarning):
+    """A musdb18 track whose stems differ in length by more than codec padding."""
+
+
 def decode_track(name, path, is_wav, stem_files, sample_rate, setup):
     """[4, T] float32, rows in STEMS order, mono at ``sample_rate``: .stem.mp4 through musdb's track objects,
     HQ .wav stems each with soundfile at its own rate and channel count."""
@@ -80,6 +85,10 @@ def decode_track(name, path, is_wav, stem_files, sample_rate, setup):
             audio = musdb.Source(track, name=stem, path=str(file), stem_id=setup["stem_ids"][stem]).audio
             stems.append(to_mono(audio, track.rate, sample_rate))
     length = min(len(s) for s in stems)  # AAC padding can differ by a frame between streams
+    if max(len(s) for s in stems) - length > sample_rate // 10:  # more than padding: the user should know
+        lengths = ", ".join(f"{stem} {len(s) / sample_rate:.2f} s" for stem, s in zip(STEMS, stems))
+        warnings.warn(f"musdb18 track {name!r}: its stems differ in length ({lengths}); every stem is cut to the "
+                      f"shortest, so the end of the longer ones is not used", UnequalStemsWarning, stacklevel=2)
     array = np.stack([s[:length].numpy() for s in stems])
     if not np.isfinite(array).all():
         raise ValueError(f"{path} decodes to NaN or infinite samples")

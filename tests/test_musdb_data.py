@@ -126,6 +126,21 @@ def test_silent_stem_frames_are_filtered(tmp_path):
     assert len(everything.dataset("test")) == 4 * 16000 // 2048 > len(kept)
 
 
+def test_stems_of_unequal_length_are_cut_to_the_shortest_with_a_warning(tmp_path):
+    root = write_musdb_hq(tmp_path / "data", n_train=2, n_test=1, seconds=SECONDS)
+    song = root / "train" / "Train Artist 00 - Song"
+    audio, rate = soundfile.read(str(song / "bass.wav"), always_2d=True)
+    soundfile.write(str(song / "bass.wav"), audio[: len(audio) - rate], rate)  # one second short
+    dm = datamodule(root, tmp_path / "cache")
+    with pytest.warns(musdb18.UnequalStemsWarning, match=rf"{song.name}.*bass {SECONDS - 1:.2f} s.*cut to the shortest"):
+        songs = cached_songs(dm, "train")
+    assert songs[song.name].shape[1] == int((SECONDS - 1) * 16000)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", musdb18.UnequalStemsWarning)  # the others are equal: no warning
+        cached_songs(datamodule(write_musdb_hq(tmp_path / "equal", n_train=2, n_test=1, seconds=SECONDS),
+                                tmp_path / "cache2"), "train")
+
+
 def count_decodes(monkeypatch, log):
     original = musdb18.decode_track
 
