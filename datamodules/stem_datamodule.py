@@ -115,13 +115,15 @@ class StemDataModule(SplitDataModule):
         for split in wanted:
             self.dataset(split)
 
-    def load_songs(self, split):
-        """The split's cached songs, decoding the missing ones; a track that fails is skipped with a warning."""
+    def load_songs(self, split, length=None):
+        """The split's cached songs, decoding the missing ones; a track that fails is skipped with a warning.
+        With ``max_tracks``, decoding stops once that many songs have a ``length``-sample frame where every
+        requested source sounds: a song silent in a requested class does not use up the budget."""
         tracks = self.list_tracks(split)
-        if self.max_tracks is not None:
-            tracks = tracks[:self.max_tracks]
-        paths, names, rows, failures = [], [], None, []
+        paths, names, rows, failures, usable = [], [], None, [], 0
         for track, track_rows in tracks:
+            if self.max_tracks is not None and usable >= self.max_tracks:
+                break
             try:
                 self.cache.load(track.files, self.sample_rate, track.decode, track.options)
             except Exception as error:  # noqa: BLE001 - any decoder failure means: skip this one track
@@ -132,6 +134,8 @@ class StemDataModule(SplitDataModule):
             paths.append(self.cache.path(track.files, self.sample_rate, track.options))
             names.append(track.name)
             rows = track_rows
+            song = SummedSongArrays(paths[-1:], rows)
+            usable += length is None or bool(len(song.valid_starts(0, length, self.silence_threshold)))
         if not paths:
             raise DatasetLayoutError(f"no usable {self.dataset_name} track in split {split!r}: "
                                      + "; ".join(failures[:5]) + f". Expected layout:\n{self.layout}")
@@ -162,8 +166,8 @@ class StemDataModule(SplitDataModule):
 
     def dataset(self, split):
         if split not in self.datasets:
-            songs, names = self.load_songs(split)
             length = self.crop_length if split == "train" else self.eval_length
+            songs, names = self.load_songs(split, length)
             starts = [songs.valid_starts(i, length, self.silence_threshold) for i in range(len(songs))]
             # name -> the requested sources silent throughout it (None: shorter than one frame)
             left_out = {name: self.silent_throughout(songs, i, length) for i, name in enumerate(names)

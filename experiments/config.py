@@ -37,7 +37,7 @@ class DataConfig:
     cache_dir: Optional[str] = None  # decoded stems as .npy memory maps; None = <output_root>/stem_cache
     frames_per_song: int = 150  # random training frames per song and epoch
     silence_threshold: float = 1.5e-5  # drop a frame when ||x_k||_2 / length < this for any source k; 0 = keep all
-    max_tracks: Optional[int] = None  # use only the first n tracks of each split (CPU-sized subsets)
+    max_tracks: Optional[int] = None  # only the first n tracks of each split where every source sounds (CPU subsets)
 
 
 @dataclass

@@ -141,6 +141,16 @@ def test_stems_of_unequal_length_are_cut_to_the_shortest_with_a_warning(tmp_path
                                 tmp_path / "cache2"), "train")
 
 
+def test_max_tracks_counts_songs_where_every_source_sounds(tmp_path):
+    root = write_musdb_hq(tmp_path / "data", n_train=4, n_test=1, seconds=SECONDS)
+    silent = root / "train" / "Train Artist 00 - Song" / "vocals.wav"  # the first training song, by name
+    audio, rate = soundfile.read(str(silent), always_2d=True)
+    soundfile.write(str(silent), np.zeros_like(audio), rate)
+    dm = datamodule(root, tmp_path / "cache", max_tracks=2)
+    assert len(dm.dataset("train").starts) == 2  # the silent song is left out and the next one taken instead
+    assert len(datamodule(root, tmp_path / "cache", max_tracks=2, sources=["drums", "bass"]).dataset("train").starts) == 2
+
+
 def count_decodes(monkeypatch, log):
     original = musdb18.decode_track
 
