@@ -142,7 +142,8 @@ def sleep_bank(config, prior, sources, record):
                           f"{post.sleep_draws}, {length}")
     key = {"prior_sha256": record["sha256"], "sources": list(sources), "draws": post.sleep_draws, "length": length,
            "steps": post.sleep_sampler_steps, "churn": post.sleep_churn, "seed": config.seed}
-    path = experiment_dir(config) / "sleep_banks" / (hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16] + ".pt")
+    digest = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
+    path = experiment_dir(config) / "sleep_banks" / f"{digest}.pt"
     if path.is_file():
         log.info("sleep bank: %s", path)
         return torch.load(path, weights_only=True)
@@ -274,4 +275,5 @@ def load_posterior(config, sources, name=None):
     if missing or unexpected:
         raise ValueError(f"{run_dir / 'last.ckpt'} does not match the posterior network: missing {missing}, "
                          f"unexpected {unexpected}")
-    return module.eval(), {**record, "posterior_dir": str(run_dir), "posterior_sha256": file_sha256(run_dir / "last.ckpt")}
+    checkpoint = run_dir / "last.ckpt"
+    return module.eval(), {**record, "posterior_dir": str(run_dir), "posterior_sha256": file_sha256(checkpoint)}

@@ -134,6 +134,12 @@ class PosteriorModule(pl.LightningModule):
             log_prob = log_prob[:, [k for k, name in enumerate(self.sources) if name != derived]]
         return -log_prob.mean()
 
+    def finite_or_skipped(self, loss):
+        """``loss``, or (when it is not finite on any rank) a zero that keeps the graph, since DDP needs every
+        parameter used; the step's gradients are then dropped in on_before_optimizer_step."""
+        self.skip = bool(any_rank(self, ~torch.isfinite(loss.detach()).view(1)))
+        return loss.nan_to_num(0.0, 0.0, 0.0) * 0 if self.skip else loss
+
     def sleeping(self):
         return self.global_step < self.hparams.get("sleep_steps", 0)
 
@@ -145,17 +151,18 @@ class PosteriorModule(pl.LightningModule):
         generator = torch.Generator(device=self.device).manual_seed(seed)
         if self.sleeping():
             if self.bank is None:
-                raise ValueError("posterior.sleep_steps > 0 needs a sleep bank of prior draws (train_posterior builds it)")
-            loss = self.sleep_loss(*batch["mix"].shape, torch.Generator().manual_seed(seed))
-            self.skip = bool(any_rank(self, ~torch.isfinite(loss.detach()).view(1)))
-            self.log("train/sleep_nll", loss.detach(), prog_bar=True)
-            return loss.nan_to_num(0.0, 0.0, 0.0) * 0 if self.skip else loss
+                raise ValueError("posterior.sleep_steps > 0 needs a sleep bank of prior draws "
+                                 "(experiments/train_posterior.py builds it)")
+            size, length = batch["mix"].shape
+            loss = self.finite_or_skipped(self.sleep_loss(size, length, torch.Generator().manual_seed(seed)))
+            if not self.skip:
+                self.log("train/sleep_nll", loss.detach(), prog_bar=True)
+            return loss
         prior, score_sigma, sigma = self.training_level()
         _, terms, elbo, objective = self.elbo(batch["mix"], generator, (prior, score_sigma))
-        loss = -objective.mean()
-        self.skip = bool(any_rank(self, ~torch.isfinite(loss.detach()).view(1)))
-        if self.skip:  # keep the graph (DDP needs every parameter used); gradients are dropped below
-            return loss.nan_to_num(0.0, 0.0, 0.0) * 0
+        loss = self.finite_or_skipped(-objective.mean())
+        if self.skip:
+            return loss
         has_value = score_sigma is None  # a score prior gives the gradient of log p, not its value
         if sigma is not None:
             self.log("train/prior_sigma", float(sigma))

@@ -18,8 +18,10 @@ from tests.conftest import TINY_POSTERIOR, TINY_SCORE, logged
 
 def test_prior_draws_have_the_priors_moments_and_depend_on_the_generator_alone():
     prior = GaussianPrior([0.3, -0.2], [0.5, 0.1])
-    draw = lambda seed, batch: sample_score_prior(prior, 512, 2, 64, torch.Generator().manual_seed(seed), steps=40,
-                                                  sigma_max=10.0, sigma_min=1e-3, batch_size=batch)
+
+    def draw(seed, batch):
+        return sample_score_prior(prior, 512, 2, 64, torch.Generator().manual_seed(seed), steps=40, sigma_max=10.0,
+                                  sigma_min=1e-3, batch_size=batch)
     draws = draw(0, 512)
     assert draws.shape == (512, 2, 64)
     assert torch.allclose(draws.mean(dim=(0, 2)), torch.tensor([0.3, -0.2]), atol=0.01)
@@ -102,7 +104,9 @@ def test_make_train_posterior_sleeps_on_a_cached_bank_then_wakes(tmp_path):
     posterior = root / "toy_score" / "default" / "posterior" / "sine-square"
     with open(posterior / "logs" / "metrics.csv") as stream:
         rows = [row for row in csv.DictReader(stream) if row.get("step")]
-    steps = lambda key: {int(row["step"]) for row in rows if row.get(key)}
+
+    def steps(key):
+        return {int(row["step"]) for row in rows if row.get(key)}
     assert {4, 9, 14, 19} <= steps("train/sleep_nll") and min(steps("train/mixture")) >= 20  # sleep, then the ELBO
     nll = logged(posterior, "train/sleep_nll")
     assert nll[-1] < nll[0]
