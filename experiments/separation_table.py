@@ -101,10 +101,13 @@ def finished_results(out_dir, config):
     if stored != to_dict(config.separation):
         return None
     # A run that used a trained posterior is reused only with that very posterior (older runs did not record it).
+    # Its record replaces the config's posterior section; another run's "posterior" is that section.
     for key in ("posterior", "init_posterior"):
-        used = results["config"].get(key)
-        checkpoint = Path(used["posterior_dir"]) / "last.ckpt" if used else None
-        if used and not (checkpoint.is_file() and used.get("posterior_sha256") == file_sha256(checkpoint)):
+        used = results["config"].get(key) or {}
+        if "posterior_dir" not in used:
+            continue
+        checkpoint = Path(used["posterior_dir"]) / "last.ckpt"
+        if not (checkpoint.is_file() and used.get("posterior_sha256") == file_sha256(checkpoint)):
             return None
     return results
 

@@ -636,6 +636,9 @@ def test_the_table_reuses_a_posteriors_entry_only_with_that_very_posterior(tmp_p
     del used["posterior_sha256"]  # a run from before the checkpoint was recorded
     (tmp_path / "summary.json").write_text(json.dumps(summary))
     assert finished_results(tmp_path, config) is None
+    summary["config"]["posterior"] = to_dict(config.posterior)  # a run without a posterior: the config's section
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    assert finished_results(tmp_path, config) is not None
 
 
 def test_the_derived_source_and_the_pair_refinement_reach_the_sampler_and_the_summary(score_run, caplog):
