@@ -120,7 +120,7 @@ separate-slakh-pairs: ## Paper 002's Slakh2100 pairs (drums/bass, drums/guitar, 
 	  $(PY) -m experiments.cli separate experiment=slakh_lqvae "preset=$$PRESET" "output_root=$$RUNS" "separation.sources=[$$pair]" "$${args[@]}" || exit 1; \
 	done
 
-train-posterior: ## Amortised posterior q(s|m) on the ELBO against EXPERIMENT's frozen priors, from mixtures only (SOURCES=sine,square: a subset; resumes)
+train-posterior: ## Amortised posterior q(s|m) (the ELBO, or the sleep phase: posterior.sleep_steps) against EXPERIMENT's frozen priors, from mixtures only (SOURCES=sine,square: a subset; resumes)
 	$(CLI) train-posterior $(COMMON) $(POSTERIOR_SOURCES) "$${args[@]}"
 
 separate-variational: ## Train the posterior if needed, then separate EXPERIMENT's test mixtures with it (its mean and samples; SOURCES=...)
