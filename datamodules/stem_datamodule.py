@@ -134,8 +134,9 @@ class StemDataModule(SplitDataModule):
             paths.append(self.cache.path(track.files, self.sample_rate, track.options))
             names.append(track.name)
             rows = track_rows
-            song = SummedSongArrays(paths[-1:], rows)
-            usable += length is None or bool(len(song.valid_starts(0, length, self.silence_threshold)))
+            if self.max_tracks is not None:  # only then: dataset() scans every song for its frames anyway
+                song = SummedSongArrays(paths[-1:], rows)
+                usable += length is None or bool(len(song.valid_starts(0, length, self.silence_threshold)))
         if not paths:
             raise DatasetLayoutError(f"no usable {self.dataset_name} track in split {split!r}: "
                                      + "; ".join(failures[:5]) + f". Expected layout:\n{self.layout}")

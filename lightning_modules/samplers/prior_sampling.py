@@ -6,7 +6,11 @@ then one last denoising step to sigma 0.
     from sigma_hat to the next sigma along dx/dsigma = (x - D(x, sigma)) / sigma
 
 The churn matters on the toy priors: the deterministic ODE (churn 0) gives samples at about half the data's
-loudness, some near silent (docs/separation.md, "Sleep phase").
+loudness, some near silent (docs/variational.md, the sleep phase).
+
+Unlike DiffusionSeparator, sigma_hat is not capped at the trained sigma_max: the first level asks the network
+at sigma_max (1 + gamma) (7.07 for the toy priors' 5 at churn 40 over 50 levels). The sleep banks of
+docs/variational.md were drawn so; capping it changes the draws and was not measured.
 """
 import math
 
