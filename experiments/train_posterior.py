@@ -126,7 +126,8 @@ def source_record(config, sources):
 
 
 def sleep_bank(config, prior, sources, record):
-    """The sleep phase's draws [sleep_draws, N, length] of the frozen priors, or None without a sleep phase.
+    """The sleep phase's draws [sleep_draws, N, length] of the frozen priors of ``sources``, or None without a
+    sleep phase.
     Seeded by the run seed and kept in {experiment}/sleep_banks/ under a key of everything they depend on (the
     prior's sha256 included), so a resumed run or another posterior of the same priors reuses them."""
     post = config.posterior
@@ -140,23 +141,27 @@ def sleep_bank(config, prior, sources, record):
     if length < crop or post.sleep_draws < 1:
         raise ConfigError(f"posterior.sleep_draws must be >= 1 and sleep_draw_length >= the crop ({crop}); got "
                           f"{post.sleep_draws}, {length}")
-    key = {"prior_sha256": record["sha256"], "sources": list(sources), "draws": post.sleep_draws, "length": length,
+    # Every source of the run is drawn, whatever subset this posterior separates: draws are independent per
+    # source, so sine + square reuses the four-source bank of the same seed instead of paying for its own.
+    all_sources = list(config.data.sources)
+    key = {"prior_sha256": record["sha256"], "sources": all_sources, "draws": post.sleep_draws, "length": length,
            "steps": post.sleep_sampler_steps, "churn": post.sleep_churn, "seed": config.seed}
     digest = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
     path = experiment_dir(config) / "sleep_banks" / f"{digest}.pt"
+    kept = [all_sources.index(source) for source in sources]
     if path.is_file():
         log.info("sleep bank: %s", path)
-        return torch.load(path, weights_only=True)
+        return torch.load(path, weights_only=True)[:, kept]
     generator = torch.Generator().manual_seed(config.seed + 7919)
     started = time.perf_counter()
-    draws = sample_score_prior(prior, post.sleep_draws, len(sources), length, generator, post.sleep_sampler_steps,
-                               post.sleep_churn)
+    draws = sample_score_prior(prior.prior, post.sleep_draws, len(all_sources), length, generator,
+                               post.sleep_sampler_steps, post.sleep_churn)
     log.info("sleep bank: %d draws of %d samples per source in %.0f s -> %s", post.sleep_draws, length,
              time.perf_counter() - started, path)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda handle: torch.save(draws, handle), binary=True)
     atomic_write_text(path.with_suffix(".json"), json.dumps(key, indent=2))
-    return draws
+    return draws[:, kept]
 
 
 def build_module(config, sources, record, schedule=True, sleep=False):

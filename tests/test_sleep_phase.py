@@ -1,6 +1,7 @@
 """Wake-sleep's sleep phase for the amortised posterior: prior draws, the bank's mixtures, and what q learns."""
 import csv
 import json
+from types import SimpleNamespace
 from unittest.mock import PropertyMock, patch
 
 import pytest
@@ -9,6 +10,7 @@ import torch
 from experiments.cli import main
 from experiments.config import load_config
 from experiments.train import train_noiseless
+from experiments.train_posterior import sleep_bank
 from lightning_modules.nn.gaussian_prior import GaussianPrior
 from lightning_modules.nn.sleep_bank import SleepBank
 from lightning_modules.posterior_module import PosteriorModule
@@ -113,12 +115,17 @@ def test_make_train_posterior_sleeps_on_a_cached_bank_then_wakes(tmp_path):
     banks = sorted((root / "toy_score" / "default" / "sleep_banks").iterdir())
     assert [bank.suffix for bank in banks] == [".json", ".pt"]
     draws = torch.load(banks[1], weights_only=True)
-    assert draws.shape == (6, 2, 512) and torch.isfinite(draws).all()
+    # Every source of the run is drawn, so a posterior of other sources can reuse the bank.
+    assert draws.shape == (6, 4, 512) and torch.isfinite(draws).all()
     key = json.loads(banks[0].read_text())
-    assert key["sources"] == ["sine", "square"] and len(key["prior_sha256"]) == 64
-    # Another posterior of the same priors reuses the bank; a finished one draws none.
+    assert key["sources"] == ["sine", "square", "saw", "triangle"] and len(key["prior_sha256"]) == 64
+    # Another posterior of the same priors, of other sources, reuses the bank; a finished one draws none.
     before = banks[1].stat().st_mtime_ns
+    again = [*sleep[:-1], "posterior.sources=[saw,square]", "posterior.name=again"]
     with patch("experiments.train_posterior.sample_score_prior", side_effect=AssertionError("drew again")):
-        assert main(["train-posterior", "experiment=toy_score", *common, *sleep, "posterior.name=again"]) == 0
-        assert main(["train-posterior", "experiment=toy_score", *common, *sleep, "posterior.name=again"]) == 0
+        assert main(["train-posterior", "experiment=toy_score", *common, *again]) == 0
+        assert main(["train-posterior", "experiment=toy_score", *common, *again]) == 0
+        config = load_config("toy_score", "default", [*common, *again])
+        record = {"sha256": key["prior_sha256"]}
+        assert torch.equal(sleep_bank(config, SimpleNamespace(denoise=None), ["saw", "square"], record), draws[:, [2, 1]])
     assert banks[1].stat().st_mtime_ns == before
