@@ -269,6 +269,9 @@ class SeparationConfig:
     # > 2 sources (2 sources: exact K^2): beam (a beam over partial code tuples that sees the mixture,
     # lightning_modules/samplers/latent_beam.py) | topk (each prior's latent_top_k codes, then their joint)
     latent_search: str = "beam"
+    # what the tuples' weighted code sums are compared with: quantised (paper 002: B_Q(E(m)), one of K codes per
+    # step) | latent (E(m) itself, the encoder's unquantised output: the D numbers the quantiser rounds away)
+    latent_target: str = "quantised"
     latent_beam: int = 64  # beam width: partial code tuples kept per source and step
     latent_top_k: Optional[int] = 8  # latent_search=topk: codes per source kept before the joint
     latent_rejection_alpha: float = 0.0  # weight of the time-domain likelihood in the rejection (0 = paper's best)

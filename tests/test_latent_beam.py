@@ -165,3 +165,23 @@ def test_the_beam_under_bf16_autocast_is_the_float32_one():
     expected = beam_search(log_priors, mix_code, codebook, alpha, 0.01, 5)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert torch.equal(beam_search(log_priors, mix_code, codebook, alpha, 0.01, 5), expected)
+
+
+@pytest.mark.parametrize("target", ["quantised", "latent"])
+def test_the_mixture_target_is_the_quantised_code_or_the_encoders_own_output(prior, target):
+    sep = separator(prior, beam=4, target=target)
+    seen, step_scores = [], sep.step_scores
+
+    def recording(log_priors, mix_code):
+        seen.append(mix_code.clone())
+        return step_scores(log_priors, mix_code)
+    sep.step_scores = recording
+    torch.manual_seed(9)
+    mixes = torch.randn(2, 32)
+    sep(mixes, 1, seeds=[0, 1])
+    with torch.no_grad():
+        latent = prior.lqvae.encode(mixes)
+        expected = latent if target == "latent" else prior.lqvae.quantizer.quantise(latent)
+    assert torch.allclose(torch.stack(seen, 1), expected.transpose(1, 2))
+    with pytest.raises(ValueError, match="unknown separation.latent_target 'codes'"):
+        separator(prior, target="codes")
