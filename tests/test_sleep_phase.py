@@ -127,5 +127,6 @@ def test_make_train_posterior_sleeps_on_a_cached_bank_then_wakes(tmp_path):
         assert main(["train-posterior", "experiment=toy_score", *common, *again]) == 0
         config = load_config("toy_score", "default", [*common, *again])
         record = {"sha256": key["prior_sha256"]}
-        assert torch.equal(sleep_bank(config, SimpleNamespace(denoise=None), ["saw", "square"], record), draws[:, [2, 1]])
+        served = sleep_bank(config, SimpleNamespace(denoise=None), ["saw", "square"], record)
+        assert torch.equal(served, draws[:, [2, 1]])
     assert banks[1].stat().st_mtime_ns == before
