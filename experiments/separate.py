@@ -293,8 +293,16 @@ def check_length(score_model, length):
 
 
 def output_name(config, sources):
-    suffix = "_val" if config.separation.split == "val" else ""
-    return config.separation.name or f"{config.separation.algorithm}_{'-'.join(sources)}{suffix}"
+    """separation.name, or the algorithm and sources, plus a posterior's name when it is not the default one (so
+    the separations of two posteriors of the same sources, e.g. two training seeds, do not share a folder)."""
+    sep = config.separation
+    if sep.name:
+        return sep.name
+    default = "-".join(sources)
+    uses_posterior = sep.algorithm == "variational" or sep.init == "variational"
+    posterior = (sep.posterior or config.posterior.name or default) if uses_posterior else default
+    suffix = (f"_{posterior}" if posterior != default else "") + ("_val" if sep.split == "val" else "")
+    return f"{sep.algorithm}_{default}{suffix}"
 
 
 def run_separation(config):

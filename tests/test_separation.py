@@ -19,7 +19,7 @@ from callbacks.separation_report import SeparationReport
 from datamodules.registry import build_datamodule, dataset_mixing
 from experiments.config import ConfigError, load_config
 from experiments.run_layout import experiment_dir, load_prior, mark_done, prior_dir
-from experiments.separate import build_separator, run_separation
+from experiments.separate import build_separator, output_name, run_separation
 from experiments.separate_file import separate_file
 from experiments.train import finetune, train_noiseless
 from lightning_modules.separation import SEED_STRIDE
@@ -660,3 +660,15 @@ def test_the_derived_source_and_the_pair_refinement_reach_the_sampler_and_the_su
     typo = load_config("toy_flow", "default", score_run + DIFFUSION + ["separation.diffusion_dirac_derived=sqare"])
     with pytest.raises(ConfigError, match="sqare"):
         build_separator(typo)
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    ([], "variational_sine-square"),
+    (["posterior.name=seed1"], "variational_sine-square_seed1"),
+    (["separation.posterior=seed2", "separation.split=val"], "variational_sine-square_seed2_val"),
+    (["separation.name=mine", "posterior.name=seed1"], "mine"),
+    (["separation.algorithm=basis", "posterior.name=seed1"], "basis_sine-square"),
+])
+def test_two_posteriors_of_the_same_sources_separate_into_their_own_folders(overrides, expected):
+    config = load_config("toy_score", "default", ["separation.algorithm=variational", *overrides])
+    assert output_name(config, ["sine", "square"]) == expected
