@@ -24,7 +24,7 @@ def prior():
     return model.eval()
 
 
-def brute_force(prior, indices, alpha, sources, sigma):
+def brute_force(prior, indices, alpha, sources, sigma, target="quantised"):
     """Loops over crops, steps and all K^2 pairs; the Transformers see the true past of each window."""
     lqvae, transformer = prior.lqvae, prior.transformer
     codebook, k = lqvae.quantizer.codebook, lqvae.quantizer.codebook.shape[0]
@@ -33,7 +33,10 @@ def brute_force(prior, indices, alpha, sources, sigma):
         for crop in sources:
             codes = [lqvae.codes(crop[n:n + 1])[0] for n in range(2)]
             mix = (alpha[0] * crop[0] + alpha[1] * crop[1])[None]
-            mix_latent = lqvae.quantizer.quantise(lqvae.encode(mix))[0].T  # [S, D]
+            mix_latent = lqvae.encode(mix)
+            if target == "quantised":
+                mix_latent = lqvae.quantizer.quantise(mix_latent)
+            mix_latent = mix_latent[0].T  # [S, D]
             context = transformer.cfg.context
             for s in range(len(codes[0])):
                 start = s - s % context
@@ -53,14 +56,16 @@ def brute_force(prior, indices, alpha, sources, sigma):
     return total / count
 
 
-def test_the_true_pairs_log_posterior_equals_a_brute_force_loop(prior):
+@pytest.mark.parametrize("target", ["quantised", "latent"])
+def test_the_true_pairs_log_posterior_equals_a_brute_force_loop(prior, target):
     torch.manual_seed(1)
     sources = 0.5 * torch.randn(2, 2, 32)  # 8 codes per crop: two windows of the 4-code context
     indices, alpha = [2, 0], torch.tensor([0.6, 0.4])  # unequal: a midpoint would tie between two codes
-    separator = LatentSeparator(prior, indices, alpha, length=32, sigma=0.4)
+    separator = LatentSeparator(prior, indices, alpha, length=32, sigma=0.4, target=target)
     table = truth_log_posterior(separator, sources, sigmas=(0.05, 0.3), chunk=5)
     for sigma in (0.05, 0.3):
-        assert table[sigma] == pytest.approx(brute_force(prior, indices, alpha, sources, sigma), abs=1e-4)
+        expected = brute_force(prior, indices, alpha, sources, sigma, target)
+        assert table[sigma] == pytest.approx(expected, abs=1e-4)
     assert separator.sigma == 0.4  # the calibration leaves the separator's own sigma alone
 
 

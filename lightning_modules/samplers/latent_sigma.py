@@ -36,7 +36,10 @@ def truth_log_posterior(separator, sources, sigmas=SIGMA_GRID, chunk=128):
     batch, _, length = sources.shape
     codes = prior.codes(sources)  # [B, 2, S]
     mix = (alpha.view(1, -1, 1) * sources).sum(1)
-    mix_codes = lqvae.quantizer.quantise(lqvae.encode(mix)).transpose(1, 2).float()  # [B, S, D]
+    mix_codes = lqvae.encode(mix)
+    if separator.target == "quantised":  # the separator's own m_s, whichever it compares with
+        mix_codes = lqvae.quantizer.quantise(mix_codes)
+    mix_codes = mix_codes.transpose(1, 2).float()  # [B, S, D]
     # The separator restarts the Transformers' context every `context` codes; so does the teacher forcing.
     full = torch.zeros(batch, transformer.n_groups, codes.shape[2], dtype=torch.long, device=sources.device)
     full[:, indices] = codes
