@@ -171,6 +171,14 @@ class LatentSeparator(nn.Module):
 
         return self.combine(prior, sum_distance, code_match)
 
+    def mixture_target(self, mix):
+        """m_s for every step of mix [B, T]: [B, S, D], quantised or not as ``target`` says."""
+        lqvae = self.prior.lqvae
+        latent = lqvae.encode(mix.float())
+        if self.target == "quantised":
+            latent = lqvae.quantizer.quantise(latent)
+        return latent.transpose(1, 2)
+
     def set_sigma(self, sigma):
         if not sigma > 0:
             raise ValueError(f"separation.latent_sigma must be > 0, got {sigma}")
@@ -191,10 +199,7 @@ class LatentSeparator(nn.Module):
         """mix [B, T] -> (estimates [B, C, N, T], trace {"loglik", "mix_error"} each [B, n_steps])."""
         batch, length = mix.shape
         lqvae, transformer = self.prior.lqvae, self.prior.transformer
-        mix_codes = lqvae.encode(mix.float())
-        if self.target == "quantised":
-            mix_codes = lqvae.quantizer.quantise(mix_codes)
-        mix_codes = mix_codes.transpose(1, 2)  # [B, S, D]
+        mix_codes = self.mixture_target(mix)
         generators = [torch.Generator(device=mix.device).manual_seed(int(seed)) for seed in seeds]
         n_sources, n_total, context = len(self.indices), transformer.n_groups, transformer.cfg.context
         m = batch * n_chains

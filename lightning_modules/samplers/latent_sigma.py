@@ -31,15 +31,12 @@ def truth_log_posterior(separator, sources, sigmas=SIGMA_GRID, chunk=128):
         raise ValueError("latent_sigma=auto calibrates the Gaussian latent likelihood; with latent_likelihood="
                          f"{separator.likelihood} pass a number, e.g. separation.latent_sigma=0.05")
     prior, indices, alpha = separator.prior, separator.indices.tolist(), separator.alpha
-    lqvae, transformer = prior.lqvae, prior.transformer
+    transformer = prior.transformer
     sources = sources.float()
     batch, _, length = sources.shape
     codes = prior.codes(sources)  # [B, 2, S]
     mix = (alpha.view(1, -1, 1) * sources).sum(1)
-    mix_codes = lqvae.encode(mix)
-    if separator.target == "quantised":  # the separator's own m_s, whichever it compares with
-        mix_codes = lqvae.quantizer.quantise(mix_codes)
-    mix_codes = mix_codes.transpose(1, 2).float()  # [B, S, D]
+    mix_codes = separator.mixture_target(mix).float()  # [B, S, D]: the separator's own m_s
     # The separator restarts the Transformers' context every `context` codes; so does the teacher forcing.
     full = torch.zeros(batch, transformer.n_groups, codes.shape[2], dtype=torch.long, device=sources.device)
     full[:, indices] = codes
