@@ -295,12 +295,14 @@ def check_length(score_model, length):
 def output_name(config, sources):
     """separation.name, or the algorithm and sources, plus a posterior's name when it is not the default one (so
     the separations of two posteriors of the same sources, e.g. two training seeds, do not share a folder)."""
+    from experiments.train_posterior import posterior_name
+
     sep = config.separation
     if sep.name:
         return sep.name
     default = "-".join(sources)
     uses_posterior = sep.algorithm == "variational" or sep.init == "variational"
-    posterior = (sep.posterior or config.posterior.name or default) if uses_posterior else default
+    posterior = posterior_name(config, sources, sep.posterior) if uses_posterior else default
     suffix = (f"_{posterior}" if posterior != default else "") + ("_val" if sep.split == "val" else "")
     return f"{sep.algorithm}_{default}{suffix}"
 

@@ -50,8 +50,13 @@ def posterior_sources(config):
     return sources
 
 
+def posterior_name(config, sources, name=None):
+    """The posterior's folder name: ``name`` (separation.posterior), else posterior.name, else the sources."""
+    return name or config.posterior.name or "-".join(sources)
+
+
 def posterior_dir(config, sources, name=None):
-    return experiment_dir(config) / "posterior" / (name or config.posterior.name or "-".join(sources))
+    return experiment_dir(config) / "posterior" / posterior_name(config, sources, name)
 
 
 def check_family(config):
