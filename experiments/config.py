@@ -275,6 +275,9 @@ class SeparationConfig:
     latent_beam: int = 64  # beam width: partial code tuples kept per source and step
     latent_top_k: Optional[int] = 8  # latent_search=topk: codes per source kept before the joint
     latent_rejection_alpha: float = 0.0  # weight of the time-domain likelihood in the rejection (0 = paper's best)
+    # project every estimate onto the mixture before scoring (the nearest sources whose weighted sum is m;
+    # lightning_modules/separation.py); the chains are ranked before it
+    mixture_consistency: bool = False
     init_range: float = 1.0  # chains start uniform in [-init_range, init_range]
     # default: each sampler's own start | variational: BASIS/SGLD chains start at a sample of the trained
     # posterior; diffusion chains at that sample plus N(0, diffusion_sigma_max^2)

@@ -20,7 +20,7 @@ from datamodules.atomic_io import atomic_write_text
 from datamodules.audio_file import read_mono, write_wav
 from experiments.config import ConfigError, save_config
 from experiments.separate import build_separator, separation_sources
-from lightning_modules.separation import SEED_STRIDE, selection_scores
+from lightning_modules.separation import SEED_STRIDE, project_to_mixture, selection_scores
 
 log = logging.getLogger(__name__)
 
@@ -56,13 +56,16 @@ def separate_file(config, mix_path, out_dir, force=False):
         chunk_scores += scores.max(dim=1).values.tolist()
         chosen_chains += best.tolist()
     separated = torch.cat(estimates).permute(1, 0, 2).reshape(len(sources), -1)[:, :n_samples].cpu()
+    if sep.mixture_consistency:
+        separated = project_to_mixture(audio, separated, separator.alpha.cpu())
     residual = audio - (separator.alpha.cpu().unsqueeze(1) * separated).sum(dim=0)
     info = {
         "input": str(mix_path), "notes": notes, "sources": sources, "sample_rate": config.data.sample_rate,
         "chunk_length": length, "n_chunks": chunks.shape[0], "n_chains": sep.n_chains,
         "estimate": "selected chain" if chosen_chains else "posterior mean",
         "chosen_chain_per_chunk": chosen_chains, "selection_score_per_chunk": chunk_scores,
-        "mix_error": float(residual.double().pow(2).mean()), "seed": sep.seed, **record,
+        "mix_error": float(residual.double().pow(2).mean()), "mixture_consistency": sep.mixture_consistency,
+        "seed": sep.seed, **record,
     }
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))

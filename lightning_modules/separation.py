@@ -18,6 +18,10 @@ baselines beside it, one row per (mixture, method):
 * ``<algorithm>_<name>`` for each of the sampler's ``point_estimate_names``: an estimate that is no chain
   (``trace["point_estimates"] = {name: [B, N, T]}``; the variational posterior's mean).
 
+``mixture_consistency`` projects every estimate onto the mixture before it is scored (the nearest sources,
+in L2, whose weighted sum is m: each takes alpha_k / sum(alpha^2) of the residual); the chains are still
+ranked on the sampler's own estimates, so a choice by the mix error (``consistent``) keeps its meaning.
+
 Every row has SI-SDR, SI-SDRi and (``museval``) BSSEval v4 SDR of the whole item; ``protocol="windowed"``
 adds the windowed SI-SDRi of recent generative separators (``si_sdri_windowed*``, ``windows_kept``), whose
 summary is a mean over all kept windows of all mixtures.
@@ -41,7 +45,7 @@ PROTOCOLS = ("full", "windowed")
 class SeparationModule(pl.LightningModule):
     def __init__(self, separator, sources, algorithm="basis", n_chains=1, selection_prior=None, seed=0,
                  sample_rate=16000, museval=True, protocol="full", window=None, hop=None,
-                 silence_threshold=1.5e-5, mixing=None):
+                 silence_threshold=1.5e-5, mixing=None, mixture_consistency=False):
         super().__init__()
         if n_chains < 1:
             raise ValueError(f"n_chains must be >= 1, got {n_chains}")
@@ -55,6 +59,7 @@ class SeparationModule(pl.LightningModule):
             raise ValueError(f"the windowed protocol needs a positive window and hop, got {window} and {hop}")
         self.protocol, self.window, self.hop, self.silence_threshold = protocol, window, hop, silence_threshold
         self.mixing = mixing  # how the mix was resolved, for the record
+        self.mixture_consistency = bool(mixture_consistency)
         for parameter in self.parameters():
             parameter.requires_grad_(False)
         steps = separator.n_steps
@@ -98,11 +103,15 @@ class SeparationModule(pl.LightningModule):
         with torch.autocast(self.device.type, enabled=False), torch.no_grad():
             batch_size, n_chains, n_sources, length = estimates.shape
             selection = selection_scores(self.selection_prior, estimates.flatten(0, 1)).view(batch_size, n_chains, -1)
-            chain_scores = si_sdr(estimates, references.unsqueeze(1))  # [B, C, N]
-            chosen = self.choose(selection.mean(dim=2), chain_scores)
+            extras = {}
             if self.n_chains > 1 and hasattr(self.separator, "extra_choices"):
                 extras = self.separator.extra_choices(mix, estimates)
-                chosen.update({f"{self.algorithm}_{name}_of_{self.n_chains}": chain for name, chain in extras.items()})
+            if self.mixture_consistency:
+                estimates = project_to_mixture(mix.unsqueeze(1), estimates, self.separator.alpha)
+                points = {name: project_to_mixture(mix, point, self.separator.alpha) for name, point in points.items()}
+            chain_scores = si_sdr(estimates, references.unsqueeze(1))  # [B, C, N]
+            chosen = self.choose(selection.mean(dim=2), chain_scores)
+            chosen.update({f"{self.algorithm}_{name}_of_{self.n_chains}": chain for name, chain in extras.items()})
             rows = self.score(mix, references, indices, estimates, chosen, selection, chain_scores, points)
         self.rows.extend(rows)
         picked = {"average": average_baseline(mix, self.separator.alpha), **points}
@@ -187,6 +196,13 @@ class SeparationModule(pl.LightningModule):
             for metric in ("si_sdr", "si_sdri", "sdr", "si_sdri_windowed"):
                 if metric in stats:
                     self.log(f"separation/{name}/{metric}", stats[metric], rank_zero_only=True)
+
+
+def project_to_mixture(mix, estimates, alpha):
+    """estimates [..., N, T] moved to the nearest sources (L2) whose alpha-weighted sum is mix [..., T]."""
+    alpha = alpha.to(estimates.dtype)
+    residual = mix - (alpha[:, None] * estimates).sum(dim=-2)
+    return estimates + (alpha / alpha.pow(2).sum())[:, None] * residual.unsqueeze(-2)
 
 
 def selection_kind(prior):

@@ -288,6 +288,12 @@ def test_separate_a_file_resamples_downmixes_and_never_overwrites(flow_run, tmp_
     assert code == 0
     assert (out / "sine.wav").read_bytes() != before["sine.wav"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".separated")]
+    # separation.mixture_consistency: the written sources mix back to the (resampled) file exactly.
+    consistent = load_config("toy_flow", "default", flow_run + ["separation.n_chains=2",
+                                                                 "separation.mixture_consistency=true"])
+    _, projected = separate_file(consistent, mix, tmp_path / "consistent")
+    assert info["mix_error"] > 1e-6 and not info["mixture_consistency"]
+    assert projected["mix_error"] < 1e-12 and projected["mixture_consistency"]
 
 
 def test_make_separate_takes_paths_with_spaces_quotes_and_semicolons(flow_run, tmp_path):
