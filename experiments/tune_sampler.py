@@ -40,6 +40,7 @@ CANDIDATES = {
     "sigma-max-0.5": ["separation.diffusion_sigma_max=0.5"],
     "sigma-max-2": ["separation.diffusion_sigma_max=2.0"],
     "init-mixture": ["separation.diffusion_init=mixture"],
+    "no-pairs": ["separation.diffusion_pair_sweeps=0"],
     "isdm-gaussian": ISDM + ["separation.diffusion_constraint=gaussian"],
     "isdm-heun-50": ISDM + ["separation.diffusion_solver=heun", "separation.diffusion_steps=50"],
     "dirac-scaled": ["separation.diffusion_constraint=dirac", "separation.diffusion_dirac_last_sigma=scaled"],
@@ -88,7 +89,7 @@ def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         special, overrides = parse(sys.argv[1:] if argv is None else argv)
-        rows, out_dir = [], None
+        rows, out_dir, config = [], None, None
         for name in special["candidates"].split(","):
             row = {"candidate": name, "overrides": CANDIDATES[name]}
             for set_key in special["sets"].split(","):
@@ -103,7 +104,7 @@ def main(argv=None):
                 out_dir = sep_dir.parent.parent / "sampler_search"
             rows.append(row)
             log.info("candidate %s: %s", name, {k: row[k] for k in special["sets"].split(",")})
-        write_search(out_dir, rows, special["sets"].split(","))
+        write_search(out_dir, rows, special["sets"].split(","), config.separation.n_test, config.separation.length)
         print((out_dir / "search.md").read_text())
         return 0
     except (ConfigError, ValueError, FileNotFoundError) as error:
@@ -111,11 +112,11 @@ def main(argv=None):
         return 2
 
 
-def write_search(out_dir, rows, sets):
+def write_search(out_dir, rows, sets, n_mixtures=32, length=4096):
     out_dir = Path(out_dir)
     atomic_write_text(out_dir / "search.json", json.dumps(rows, indent=2))
-    lines = ["Validation SI-SDRi (dB, one sample per mixture, first 32 validation mixtures of 4096 samples; "
-             "s/s: wall seconds per second of mixture)", "",
+    lines = [f"Validation SI-SDRi (dB, one sample per mixture, first {n_mixtures} validation mixtures of {length} "
+             "samples; s/s: wall seconds per second of mixture)", "",
              "| candidate | " + " | ".join(f"{s} | s/s" for s in sets) + " | overrides |", "|---" * (2 * len(sets) + 2) + "|"]
     for row in sorted(rows, key=lambda r: -sum(r[s] for s in sets)):
         cells = " | ".join(f"{row[s]:+.2f} | {row[s + '_seconds_per_audio_second']:.2f}" for s in sets)

@@ -32,4 +32,5 @@ def test_tune_sampler_ranks_candidates_on_validation_mixtures(tmp_path, capsys):
     assert summary["config"]["separation"]["split"] == "val" and summary["count"] == 2
     assert summary["config"]["separation"]["diffusion_constraint"] == "dirac"
     assert rows[1]["sine-square"] == summary["summary"]["diffusion"]["si_sdri"]
-    assert "| dirac |" in (run / "sampler_search" / "search.md").read_text()
+    table = (run / "sampler_search" / "search.md").read_text()
+    assert "| dirac |" in table and "first 2 validation mixtures of 256 samples" in table
