@@ -199,10 +199,12 @@ def plot(rows, stream):
     import matplotlib.pyplot as plt
 
     sets = list(dict.fromkeys(r["mixtures"] for r in rows))
-    fig, axes = plt.subplots(1, len(sets), figsize=(6 * len(sets), 4), squeeze=False)
+    most = max(sum(r["mixtures"] == mixtures for r in rows) for mixtures in sets)
+    # A bar per row, tall enough for its one-line label.
+    fig, axes = plt.subplots(1, len(sets), figsize=(7 * len(sets), max(4.0, 1.0 + 0.22 * most)), squeeze=False)
     for ax, mixtures in zip(axes[0], sets):
         scored = [r for r in rows if r["mixtures"] == mixtures and r.get("si_sdri") is not None]
-        labels = [r["method"] if r["variant"] == "-" else f"{r['method']}\n{r['variant']}" for r in scored]
+        labels = [r["method"] if r["variant"] == "-" else f"{r['method']}, {r['variant']}" for r in scored]
         values = [r["si_sdri"] for r in scored]
         ax.barh(range(len(values)), values, color=["C1" if "oracle" in lb else "C0" for lb in labels])
         ax.set_yticks(range(len(values)), labels, fontsize=7)
