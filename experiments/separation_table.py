@@ -35,7 +35,7 @@ ENTRIES = {
                                 "separation.delta=1e-4", "separation.prior_levels=nearest",
                                 "separation.batch_size=8"]),
     "diffusion-flow": ("toy_flow", ["separation.algorithm=diffusion", "separation.batch_size=8"]),
-    # Paper 002: the exact latent posterior (two sources; top-8 codes per source for four), 16 candidates.
+    # Paper 002: the exact latent posterior (two sources: all K^2 pairs; four: toy_lqvae's beam), 16 candidates.
     "latent-lqvae": ("toy_lqvae", ["separation.algorithm=latent", "separation.n_chains=16", "separation.batch_size=8"]),
     # Proposal 000: the amortised posterior of make train-posterior (its mean and its samples), and BASIS
     # over the fine-tuned levels 0.077 -> 0.01 (20 steps each) started at 2 of its samples (CPU time).
