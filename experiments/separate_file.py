@@ -20,7 +20,8 @@ from datamodules.atomic_io import atomic_write_text
 from datamodules.audio_file import read_mono, write_wav
 from experiments.config import ConfigError, save_config
 from experiments.separate import build_separator, separation_sources
-from lightning_modules.separation import SEED_STRIDE, project_to_mixture, selection_scores
+from lightning_modules.samplers.mixture_projection import project_to_mixture
+from lightning_modules.separation import SEED_STRIDE, selection_scores
 
 log = logging.getLogger(__name__)
 

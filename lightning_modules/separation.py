@@ -19,7 +19,7 @@ baselines beside it, one row per (mixture, method):
   (``trace["point_estimates"] = {name: [B, N, T]}``; the variational posterior's mean).
 
 ``mixture_consistency`` projects every estimate onto the mixture before it is scored (the nearest sources,
-in L2, whose weighted sum is m: each takes alpha_k / sum(alpha^2) of the residual); the chains are still
+in L2, whose weighted sum is m; samplers/mixture_projection.py); the chains are still
 ranked on the sampler's own estimates, so a choice by the mix error (``consistent``) keeps its meaning.
 
 Every row has SI-SDR, SI-SDRi and (``museval``) BSSEval v4 SDR of the whole item; ``protocol="windowed"``
@@ -37,6 +37,7 @@ import torch
 import torch.distributed as dist
 
 from lightning_modules.metrics.separation_metrics import average_baseline, bss_sdr, si_sdr, si_sdr_of_mix, windowed_si_sdri
+from lightning_modules.samplers.mixture_projection import project_to_mixture
 
 SEED_STRIDE = 1_000_003
 PROTOCOLS = ("full", "windowed")
@@ -196,13 +197,6 @@ class SeparationModule(pl.LightningModule):
             for metric in ("si_sdr", "si_sdri", "sdr", "si_sdri_windowed"):
                 if metric in stats:
                     self.log(f"separation/{name}/{metric}", stats[metric], rank_zero_only=True)
-
-
-def project_to_mixture(mix, estimates, alpha):
-    """estimates [..., N, T] moved to the nearest sources (L2) whose alpha-weighted sum is mix [..., T]."""
-    alpha = alpha.to(estimates.dtype)
-    residual = mix - (alpha[:, None] * estimates).sum(dim=-2)
-    return estimates + (alpha / alpha.pow(2).sum())[:, None] * residual.unsqueeze(-2)
 
 
 def selection_kind(prior):

@@ -3,7 +3,8 @@ import torch
 from torch import nn
 
 from lightning_modules.metrics.separation_metrics import si_sdr
-from lightning_modules.separation import SeparationModule, project_to_mixture
+from lightning_modules.samplers.mixture_projection import project_to_mixture
+from lightning_modules.separation import SeparationModule
 
 
 def constrained_least_squares(mix, estimates, alpha):
@@ -50,7 +51,7 @@ class FixedSeparator(nn.Module):
     def __init__(self, references):
         super().__init__()
         self.register_buffer("alpha", torch.tensor([0.5, 0.5]))
-        self.references, self.n_steps, self.trace_sigmas, self.nonfinite_steps = references, 1, [1.0], 0
+        self.n_steps, self.trace_sigmas, self.nonfinite_steps = 1, [1.0], 0
         self.score_model = Ranking()
         noise = torch.randn(references.shape[0], 3, *references.shape[1:], generator=torch.Generator().manual_seed(1))
         self.chains = references.unsqueeze(1) + noise * torch.tensor([1.0, 0.5, 0.1])[None, :, None, None]

@@ -67,6 +67,7 @@ from torch import nn
 
 from lightning_modules.samplers.draws import per_mixture_draws
 from lightning_modules.samplers.level_score import LevelScore
+from lightning_modules.samplers.mixture_projection import project_to_mixture
 from lightning_modules.samplers.pair_refinement import PairView, check_pairs, refine_pairs
 from lightning_modules.samplers.relabel import MAX_SOURCES, relabel
 
@@ -257,7 +258,6 @@ class DiffusionSeparator(nn.Module):
         target = mix.float().repeat_interleave(n_chains, dim=0).unsqueeze(1)  # [B * C, 1, T]
         dirac = self.constraint == "dirac"
         projected = self.constraint == "projected"
-        alpha_norm2 = alpha.pow(2).sum()
         # Projected noise has per-source variance sigma^2 (1 - alpha_k^2 / |alpha|^2), (N - 1) / N of sigma^2 on
         # average: every noise draw is scaled up by spread and every score step by spread^2 (a scalar
         # preconditioner, the same posterior), so the denoisers see the noise level they are asked at. For two
@@ -274,7 +274,7 @@ class DiffusionSeparator(nn.Module):
 
         def project(x):
             if projected:
-                return x + alpha * (target - (alpha * x).sum(dim=1, keepdim=True)) / alpha_norm2
+                return project_to_mixture(target[:, 0], x, self.alpha)
             if not dirac:
                 return x
             rest = (alpha * x * free).sum(dim=1, keepdim=True)
