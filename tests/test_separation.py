@@ -647,6 +647,22 @@ def test_the_table_reuses_a_posteriors_entry_only_with_that_very_posterior(tmp_p
     assert finished_results(tmp_path, config) is not None
 
 
+def test_a_subset_entry_scores_fewer_mixtures_and_the_table_says_how_many():
+    from experiments.separation_table import entry_overrides, markdown, table_rows
+
+    special = {"output_root": "runs", "preset": "default"}
+    n_test = {}
+    for entry in ("basis-flow", "variational-flow"):
+        experiment, overrides = entry_overrides(entry, None, special, [])
+        n_test[entry] = load_config(experiment, "default", overrides).separation.n_test
+    assert n_test == {"basis-flow": 8, "variational-flow": 32}
+    stats = {"count": 8, "si_sdr": -1.0, "si_sdri": 2.0, "sdr": 3.0}
+    outcome = {"results": {"algorithm": "basis", "n_chains": 4, "summary": {"average": {**stats, "si_sdri": 0.0},
+                                                                            "basis": stats}}}
+    lines = markdown(table_rows({"4 sources": {"basis-flow": outcome}}), "default").splitlines()
+    assert "| n |" in lines[-4] and "| 4 sources | basis-flow | one sample | 8 | -1.00 | 2.00 | 3.00 |" in lines[-1]
+
+
 def test_the_derived_source_and_the_pair_refinement_reach_the_sampler_and_the_summary(score_run, caplog):
     options = ["separation.n_test=2", "separation.museval=false", "separation.diffusion_dirac_derived=square",
                "separation.diffusion_pair_sweeps=1", "separation.diffusion_pair_steps=3", "separation.name=pairs"]
