@@ -148,13 +148,17 @@ def run_entry(entry, sources, special, overrides):
 
 
 def table_rows(outcomes):
-    """One row per (mixtures, method, variant); Average once per mixture set (every entry scores the same)."""
+    """One row per (mixtures, method, variant); Average once per mixture set and count (every entry scoring the
+    first n mixtures scores the same; a subset entry gets Average on its subset)."""
     rows = []
     for mixtures, entries in outcomes.items():
-        done = {name: o for name, o in entries.items() if "results" in o}
-        if done:
-            first = next(iter(done.values()))["results"]
-            rows.append(make_row(mixtures, "average", "", first["summary"]["average"], None))
+        averages = {}
+        for outcome in entries.values():
+            if "results" in outcome:
+                average = outcome["results"]["summary"]["average"]
+                averages.setdefault(average.get("count"), average)
+        for i, (count, average) in enumerate(sorted(averages.items(), key=lambda item: -(item[0] or 0))):
+            rows.append(make_row(mixtures, "average", "" if i == 0 else f"the first {count}", average, None))
         for name, outcome in entries.items():
             if "results" not in outcome:
                 rows.append({"mixtures": mixtures, "method": name, "variant": "skipped: " + outcome["skipped"]})

@@ -659,8 +659,13 @@ def test_a_subset_entry_scores_fewer_mixtures_and_the_table_says_how_many():
     stats = {"count": 8, "si_sdr": -1.0, "si_sdri": 2.0, "sdr": 3.0}
     outcome = {"results": {"algorithm": "basis", "n_chains": 4, "summary": {"average": {**stats, "si_sdri": 0.0},
                                                                             "basis": stats}}}
-    lines = markdown(table_rows({"4 sources": {"basis-flow": outcome}}), "default").splitlines()
-    assert "| n |" in lines[-4] and "| 4 sources | basis-flow | one sample | 8 | -1.00 | 2.00 | 3.00 |" in lines[-1]
+    whole = {"results": {"algorithm": "variational", "n_chains": 4, "summary": {
+        "average": {**stats, "count": 32, "si_sdr": -5.0, "si_sdri": 0.0}, "variational_mean": {**stats, "count": 32}}}}
+    rows = table_rows({"4 sources": {"basis-flow": outcome, "variational-flow": whole}})
+    assert [(r["method"], r["variant"], r["count"]) for r in rows[:2]] == [("average", "-", 32),
+                                                                          ("average", "the first 8", 8)]
+    lines = markdown(rows, "default").splitlines()
+    assert "| n |" in lines[-6] and "| 4 sources | basis-flow | one sample | 8 | -1.00 | 2.00 | 3.00 |" in lines[-2]
 
 
 def test_the_derived_source_and_the_pair_refinement_reach_the_sampler_and_the_summary(score_run, caplog):
