@@ -278,6 +278,10 @@ class SeparationConfig:
     # project every estimate onto the mixture before scoring (the nearest sources whose weighted sum is m;
     # lightning_modules/separation.py); the chains are ranked before it
     mixture_consistency: bool = False
+    # a Wiener post-filter on every estimate before it is scored (window of this many samples; 0 = off): the
+    # mixture's STFT shared in proportion to the estimates' power (lightning_modules/samplers/wiener_filter.py);
+    # applied before mixture_consistency, the chains ranked before both
+    wiener_fft: int = 0
     init_range: float = 1.0  # chains start uniform in [-init_range, init_range]
     # default: each sampler's own start | variational: BASIS/SGLD chains start at a sample of the trained
     # posterior; diffusion chains at that sample plus N(0, diffusion_sigma_max^2)

@@ -327,7 +327,7 @@ def run_separation(config):
                               sample_rate=rate, museval=sep.museval, protocol=sep.protocol,
                               window=round(sep.window_seconds * rate), hop=round(sep.hop_seconds * rate),
                               silence_threshold=config.data.silence_threshold, mixing=mixing,
-                              mixture_consistency=sep.mixture_consistency)
+                              mixture_consistency=sep.mixture_consistency, wiener_fft=sep.wiener_fft)
     report = SeparationReport(out_dir, rate, to_dict(config) | record, sep.write_wavs, sep.n_audio_examples)
     datamodule = build_datamodule(data, seed=config.seed, n_test=sep.n_test, output_root=config.output_root)
     datamodule.test_split = sep.split

@@ -21,6 +21,7 @@ from datamodules.audio_file import read_mono, write_wav
 from experiments.config import ConfigError, save_config
 from experiments.separate import build_separator, separation_sources
 from lightning_modules.samplers.mixture_projection import project_to_mixture
+from lightning_modules.samplers.wiener_filter import wiener_filter
 from lightning_modules.separation import SEED_STRIDE, selection_scores
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,8 @@ def separate_file(config, mix_path, out_dir, force=False):
         chunk_scores += scores.max(dim=1).values.tolist()
         chosen_chains += best.tolist()
     separated = torch.cat(estimates).permute(1, 0, 2).reshape(len(sources), -1)[:, :n_samples].cpu()
+    if sep.wiener_fft:  # on the whole file: the filter's windows cross the chunk borders
+        separated = wiener_filter(audio, separated, separator.alpha.cpu(), sep.wiener_fft)
     if sep.mixture_consistency:
         separated = project_to_mixture(audio, separated, separator.alpha.cpu())
     residual = audio - (separator.alpha.cpu().unsqueeze(1) * separated).sum(dim=0)
@@ -66,6 +69,7 @@ def separate_file(config, mix_path, out_dir, force=False):
         "estimate": "selected chain" if chosen_chains else "posterior mean",
         "chosen_chain_per_chunk": chosen_chains, "selection_score_per_chunk": chunk_scores,
         "mix_error": float(residual.double().pow(2).mean()), "mixture_consistency": sep.mixture_consistency,
+        "wiener_fft": sep.wiener_fft,
         "seed": sep.seed, **record,
     }
     out_dir.parent.mkdir(parents=True, exist_ok=True)

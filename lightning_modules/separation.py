@@ -19,8 +19,9 @@ baselines beside it, one row per (mixture, method):
   (``trace["point_estimates"] = {name: [B, N, T]}``; the variational posterior's mean).
 
 ``mixture_consistency`` projects every estimate onto the mixture before it is scored (the nearest sources,
-in L2, whose weighted sum is m; samplers/mixture_projection.py); the chains are still
-ranked on the sampler's own estimates, so a choice by the mix error (``consistent``) keeps its meaning.
+in L2, whose weighted sum is m; samplers/mixture_projection.py), and ``wiener_fft`` first refilters it from the
+mixture's STFT (samplers/wiener_filter.py); the chains are still ranked on the sampler's own estimates, so a
+choice by the mix error (``consistent``) keeps its meaning.
 
 Every row has SI-SDR, SI-SDRi and (``museval``) BSSEval v4 SDR of the whole item; ``protocol="windowed"``
 adds the windowed SI-SDRi of recent generative separators (``si_sdri_windowed*``, ``windows_kept``), whose
@@ -38,6 +39,7 @@ import torch.distributed as dist
 
 from lightning_modules.metrics.separation_metrics import average_baseline, bss_sdr, si_sdr, si_sdr_of_mix, windowed_si_sdri
 from lightning_modules.samplers.mixture_projection import project_to_mixture
+from lightning_modules.samplers.wiener_filter import wiener_filter
 
 SEED_STRIDE = 1_000_003
 PROTOCOLS = ("full", "windowed")
@@ -46,7 +48,7 @@ PROTOCOLS = ("full", "windowed")
 class SeparationModule(pl.LightningModule):
     def __init__(self, separator, sources, algorithm="basis", n_chains=1, selection_prior=None, seed=0,
                  sample_rate=16000, museval=True, protocol="full", window=None, hop=None,
-                 silence_threshold=1.5e-5, mixing=None, mixture_consistency=False):
+                 silence_threshold=1.5e-5, mixing=None, mixture_consistency=False, wiener_fft=0):
         super().__init__()
         if n_chains < 1:
             raise ValueError(f"n_chains must be >= 1, got {n_chains}")
@@ -61,6 +63,9 @@ class SeparationModule(pl.LightningModule):
         self.protocol, self.window, self.hop, self.silence_threshold = protocol, window, hop, silence_threshold
         self.mixing = mixing  # how the mix was resolved, for the record
         self.mixture_consistency = bool(mixture_consistency)
+        if wiener_fft < 0:
+            raise ValueError(f"separation.wiener_fft must be >= 0 (0 = no Wiener post-filter), got {wiener_fft}")
+        self.wiener_fft = int(wiener_fft)
         for parameter in self.parameters():
             parameter.requires_grad_(False)
         steps = separator.n_steps
@@ -107,9 +112,8 @@ class SeparationModule(pl.LightningModule):
             extras = {}
             if self.n_chains > 1 and hasattr(self.separator, "extra_choices"):
                 extras = self.separator.extra_choices(mix, estimates)
-            if self.mixture_consistency:
-                estimates = project_to_mixture(mix.unsqueeze(1), estimates, self.separator.alpha)
-                points = {name: project_to_mixture(mix, point, self.separator.alpha) for name, point in points.items()}
+            estimates = self.post_filter(mix.unsqueeze(1), estimates)
+            points = {name: self.post_filter(mix, point) for name, point in points.items()}
             chain_scores = si_sdr(estimates, references.unsqueeze(1))  # [B, C, N]
             chosen = self.choose(selection.mean(dim=2), chain_scores)
             chosen.update({f"{self.algorithm}_{name}_of_{self.n_chains}": chain for name, chain in extras.items()})
@@ -118,6 +122,14 @@ class SeparationModule(pl.LightningModule):
         picked = {"average": average_baseline(mix, self.separator.alpha), **points}
         picked.update({name: estimates[torch.arange(batch_size), chain] for name, chain in chosen.items()})
         return {"index": indices, "mix": mix, "references": references, "estimates": picked}
+
+    def post_filter(self, mix, estimates):
+        """The finished estimates as scored: Wiener-refiltered and/or projected onto the mixture, if asked."""
+        if self.wiener_fft:
+            estimates = wiener_filter(mix, estimates, self.separator.alpha, self.wiener_fft)
+        if self.mixture_consistency:
+            estimates = project_to_mixture(mix, estimates, self.separator.alpha)
+        return estimates
 
     def choose(self, selection, chain_scores):
         """Which chain each method takes, per mixture: {method: [B] chain indices}."""

@@ -294,6 +294,10 @@ def test_separate_a_file_resamples_downmixes_and_never_overwrites(flow_run, tmp_
     _, projected = separate_file(consistent, mix, tmp_path / "consistent")
     assert info["mix_error"] > 1e-6 and not info["mixture_consistency"]
     assert projected["mix_error"] < 1e-12 and projected["mixture_consistency"]
+    # separation.wiener_fft: refiltered from the file's STFT, they mix back too.
+    wiener = load_config("toy_flow", "default", flow_run + ["separation.n_chains=2", "separation.wiener_fft=256"])
+    _, filtered = separate_file(wiener, mix, tmp_path / "wiener")
+    assert filtered["mix_error"] < 1e-12 and filtered["wiener_fft"] == 256 and info["wiener_fft"] == 0
 
 
 def test_make_separate_takes_paths_with_spaces_quotes_and_semicolons(flow_run, tmp_path):

@@ -1,0 +1,38 @@
+"""A Wiener post-filter: the mixture's STFT shared among the sources in proportion to the power of their estimates.
+
+    C_k = STFT(alpha_k x_k),  mask_k = |C_k|^2 / sum_j |C_j|^2,  alpha_k y_k = ISTFT(mask_k STFT(m))
+
+The estimates x give each time-frequency bin's shares; the mixture gives every bin's magnitude and phase. So a
+source whose estimate has the right spectral envelope but the wrong waveform (a codec's reconstruction, a phase
+it cannot know) comes back with the mixture's phase, and the filtered sources sum to m exactly (the masks sum to
+1 in every bin, and the ISTFT is linear). The usual last step of spectrogram separators (Open-Unmix, Demucs'
+"Wiener" option); ``separation.wiener_fft`` applies it to finished estimates. Bins where every estimate is silent
+are shared equally.
+"""
+import torch
+
+EPSILON = 1e-10  # relative to the bin's total power: a bin silent in every estimate is split equally
+
+
+def wiener_filter(mix, estimates, alpha, n_fft):
+    """estimates [..., N, T] refiltered from mix [..., T]: windows of n_fft samples (Hann), hop n_fft / 4."""
+    length = estimates.shape[-1]
+    if n_fft < 4 or n_fft % 2:
+        raise ValueError(f"separation.wiener_fft must be an even window of at least 4 samples, got {n_fft}")
+    if length <= n_fft // 2:
+        raise ValueError(f"separation.wiener_fft = {n_fft} needs estimates longer than {n_fft // 2} samples, got "
+                         f"{length}; use a smaller window or longer chunks (separation.length)")
+    alpha = alpha.to(estimates.dtype)
+    hop, window = n_fft // 4, torch.hann_window(n_fft, dtype=estimates.dtype, device=estimates.device)
+
+    def stft(x):
+        return torch.stft(x.reshape(-1, length), n_fft, hop, window=window, return_complex=True)
+
+    contributions = stft(alpha[:, None] * estimates).view(*estimates.shape[:-1], n_fft // 2 + 1, -1)
+    power = contributions.abs().pow(2)
+    total = power.sum(dim=-3, keepdim=True)
+    masks = (power + EPSILON * total + 1e-30) / (total * (1 + EPSILON * power.shape[-3]) + power.shape[-3] * 1e-30)
+    spectrum = stft(mix.expand(*estimates.shape[:-2], length)).view(*estimates.shape[:-2], 1, *masks.shape[-2:])
+    filtered = torch.istft((masks * spectrum).reshape(-1, *masks.shape[-2:]), n_fft, hop, window=window,
+                           length=length)
+    return filtered.view(estimates.shape) / alpha[:, None]
