@@ -20,9 +20,8 @@ from datamodules.atomic_io import atomic_write_text
 from datamodules.audio_file import read_mono, write_wav
 from experiments.config import ConfigError, save_config
 from experiments.separate import build_separator, separation_sources
-from lightning_modules.samplers.mixture_projection import project_to_mixture
-from lightning_modules.samplers.wiener_filter import wiener_filter
-from lightning_modules.separation import SEED_STRIDE, selection_scores
+from lightning_modules.samplers.wiener_filter import check_window
+from lightning_modules.separation import SEED_STRIDE, post_filter, selection_scores
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +32,7 @@ def separate_file(config, mix_path, out_dir, force=False):
     config.yaml into ``out_dir`` (all at once, so a failed run leaves nothing half-written)."""
     sep = config.separation
     out_dir = check_output_dir(out_dir, force)
+    check_window(sep.wiener_fft)
     audio, notes = read_mono(mix_path, config.data.sample_rate, sep.min_seconds)
     separation_sources(config)
     for note in notes:
@@ -58,10 +58,8 @@ def separate_file(config, mix_path, out_dir, force=False):
         chunk_scores += scores.max(dim=1).values.tolist()
         chosen_chains += best.tolist()
     separated = torch.cat(estimates).permute(1, 0, 2).reshape(len(sources), -1)[:, :n_samples].cpu()
-    if sep.wiener_fft:  # on the whole file: the filter's windows cross the chunk borders
-        separated = wiener_filter(audio, separated, separator.alpha.cpu(), sep.wiener_fft)
-    if sep.mixture_consistency:
-        separated = project_to_mixture(audio, separated, separator.alpha.cpu())
+    # On the whole file: the Wiener filter's windows cross the chunk borders.
+    separated = post_filter(audio, separated, separator.alpha.cpu(), sep.wiener_fft, sep.mixture_consistency)
     residual = audio - (separator.alpha.cpu().unsqueeze(1) * separated).sum(dim=0)
     info = {
         "input": str(mix_path), "notes": notes, "sources": sources, "sample_rate": config.data.sample_rate,

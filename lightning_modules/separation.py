@@ -39,7 +39,7 @@ import torch.distributed as dist
 
 from lightning_modules.metrics.separation_metrics import average_baseline, bss_sdr, si_sdr, si_sdr_of_mix, windowed_si_sdri
 from lightning_modules.samplers.mixture_projection import project_to_mixture
-from lightning_modules.samplers.wiener_filter import wiener_filter
+from lightning_modules.samplers.wiener_filter import check_window, wiener_filter
 
 SEED_STRIDE = 1_000_003
 PROTOCOLS = ("full", "windowed")
@@ -63,8 +63,7 @@ class SeparationModule(pl.LightningModule):
         self.protocol, self.window, self.hop, self.silence_threshold = protocol, window, hop, silence_threshold
         self.mixing = mixing  # how the mix was resolved, for the record
         self.mixture_consistency = bool(mixture_consistency)
-        if wiener_fft < 0:
-            raise ValueError(f"separation.wiener_fft must be >= 0 (0 = no Wiener post-filter), got {wiener_fft}")
+        check_window(wiener_fft)
         self.wiener_fft = int(wiener_fft)
         for parameter in self.parameters():
             parameter.requires_grad_(False)
@@ -112,8 +111,9 @@ class SeparationModule(pl.LightningModule):
             extras = {}
             if self.n_chains > 1 and hasattr(self.separator, "extra_choices"):
                 extras = self.separator.extra_choices(mix, estimates)
-            estimates = self.post_filter(mix.unsqueeze(1), estimates)
-            points = {name: self.post_filter(mix, point) for name, point in points.items()}
+            options = (self.separator.alpha, self.wiener_fft, self.mixture_consistency)
+            estimates = post_filter(mix.unsqueeze(1), estimates, *options)
+            points = {name: post_filter(mix, point, *options) for name, point in points.items()}
             chain_scores = si_sdr(estimates, references.unsqueeze(1))  # [B, C, N]
             chosen = self.choose(selection.mean(dim=2), chain_scores)
             chosen.update({f"{self.algorithm}_{name}_of_{self.n_chains}": chain for name, chain in extras.items()})
@@ -122,14 +122,6 @@ class SeparationModule(pl.LightningModule):
         picked = {"average": average_baseline(mix, self.separator.alpha), **points}
         picked.update({name: estimates[torch.arange(batch_size), chain] for name, chain in chosen.items()})
         return {"index": indices, "mix": mix, "references": references, "estimates": picked}
-
-    def post_filter(self, mix, estimates):
-        """The finished estimates as scored: Wiener-refiltered and/or projected onto the mixture, if asked."""
-        if self.wiener_fft:
-            estimates = wiener_filter(mix, estimates, self.separator.alpha, self.wiener_fft)
-        if self.mixture_consistency:
-            estimates = project_to_mixture(mix, estimates, self.separator.alpha)
-        return estimates
 
     def choose(self, selection, chain_scores):
         """Which chain each method takes, per mixture: {method: [B] chain indices}."""
@@ -209,6 +201,16 @@ class SeparationModule(pl.LightningModule):
             for metric in ("si_sdr", "si_sdri", "sdr", "si_sdri_windowed"):
                 if metric in stats:
                     self.log(f"separation/{name}/{metric}", stats[metric], rank_zero_only=True)
+
+
+def post_filter(mix, estimates, alpha, wiener_fft=0, mixture_consistency=False):
+    """Finished estimates [..., N, T] of mix [..., T] as they are scored and written: Wiener-refiltered from the
+    mixture (wiener_fft > 0), then projected onto it (mixture_consistency), as asked."""
+    if wiener_fft:
+        estimates = wiener_filter(mix, estimates, alpha, wiener_fft)
+    if mixture_consistency:
+        estimates = project_to_mixture(mix, estimates, alpha)
+    return estimates
 
 
 def selection_kind(prior):

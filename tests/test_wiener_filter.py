@@ -67,5 +67,6 @@ def test_the_loop_scores_filtered_estimates_but_ranks_the_chains_on_the_samplers
             assert row["mix_error"] < 1e-10
             expected = si_sdr(filtered[index, row["chain"]], references[index]).mean()
             assert abs(row["si_sdr"] - float(expected)) < 1e-4
-    with pytest.raises(ValueError, match="wiener_fft must be >= 0"):
-        SeparationModule(separator, ["a", "b"], "fixed", wiener_fft=-1)
+    for bad in (-1, 15):  # refused when the loop is built, before any separation work
+        with pytest.raises(ValueError, match="0 \\(off\\) or an even window"):
+            SeparationModule(separator, ["a", "b"], "fixed", wiener_fft=bad)

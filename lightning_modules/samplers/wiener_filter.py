@@ -14,11 +14,18 @@ import torch
 EPSILON = 1e-10  # relative to the bin's total power: a bin silent in every estimate is split equally
 
 
+def check_window(n_fft):
+    """Refuse a separation.wiener_fft the filter cannot use (0 = off), before any separation work is done."""
+    if n_fft != 0 and (n_fft < 4 or n_fft % 2):
+        raise ValueError(f"separation.wiener_fft must be 0 (off) or an even window of at least 4 samples, got {n_fft}")
+
+
 def wiener_filter(mix, estimates, alpha, n_fft):
     """estimates [..., N, T] refiltered from mix [..., T]: windows of n_fft samples (Hann), hop n_fft / 4."""
     length = estimates.shape[-1]
-    if n_fft < 4 or n_fft % 2:
-        raise ValueError(f"separation.wiener_fft must be an even window of at least 4 samples, got {n_fft}")
+    if n_fft == 0:
+        raise ValueError("wiener_filter needs a window: separation.wiener_fft = 0 means no filter")
+    check_window(n_fft)
     if length <= n_fft // 2:
         raise ValueError(f"separation.wiener_fft = {n_fft} needs estimates longer than {n_fft // 2} samples, got "
                          f"{length}; use a smaller window or longer chunks (separation.length)")
@@ -31,7 +38,8 @@ def wiener_filter(mix, estimates, alpha, n_fft):
     contributions = stft(alpha[:, None] * estimates).view(*estimates.shape[:-1], n_fft // 2 + 1, -1)
     power = contributions.abs().pow(2)
     total = power.sum(dim=-3, keepdim=True)
-    masks = (power + EPSILON * total + 1e-30) / (total * (1 + EPSILON * power.shape[-3]) + power.shape[-3] * 1e-30)
+    floor = EPSILON * total + 1e-30
+    masks = (power + floor) / (total + power.shape[-3] * floor)
     spectrum = stft(mix.expand(*estimates.shape[:-2], length)).view(*estimates.shape[:-2], 1, *masks.shape[-2:])
     filtered = torch.istft((masks * spectrum).reshape(-1, *masks.shape[-2:]), n_fft, hop, window=window,
                            length=length)
