@@ -170,13 +170,15 @@ class PosteriorConfig:
     derived: Optional[str] = None
     warmup_steps: int = 0  # the prior and entropy terms' weight rises linearly from 0 to 1 over these steps
     # Wake-sleep: the first sleep_steps train q on the model's own (sources, mixture) pairs, sources drawn from the
-    # score priors (sleep_draws per source, sleep_draw_length samples each, None = 2 x the crop; EDM's stochastic
-    # sampler, sleep_sampler_steps levels, churn sleep_churn), log q(s | m) maximised; the ELBO steps follow.
+    # priors (sleep_draws per source, sleep_draw_length samples each, None = 2 x the crop; score priors: EDM's
+    # stochastic sampler, sleep_sampler_steps levels, churn sleep_churn; flows: the noiseless prior's exact
+    # sampler at sleep_temperature), log q(s | m) maximised; the ELBO steps follow.
     sleep_steps: int = 0
     sleep_draws: int = 512
     sleep_draw_length: Optional[int] = None
     sleep_sampler_steps: int = 50
     sleep_churn: float = 40.0
+    sleep_temperature: float = 1.0
     lr: float = 1e-3
     lr_decay_times: int = 0  # x0.6 this many times, evenly over max_steps
     max_steps: int = 600

@@ -30,7 +30,7 @@ from experiments.fitting import fit
 from experiments.run_layout import (canonical_sigma, experiment_dir, finished_priors, is_done, load_prior,
                                    no_prior_error, prior_dir)
 from lightning_modules.samplers.mixing import mixing_weights
-from lightning_modules.samplers.prior_sampling import sample_score_prior
+from lightning_modules.samplers.prior_sampling import sample_flow_prior, sample_score_prior
 from lightning_modules.samplers.level_score import log_distance
 from lightning_modules.nn.source_subset import SourceSubset
 from lightning_modules.nn.prior_schedule import PriorSchedule
@@ -131,16 +131,14 @@ def source_record(config, sources):
 
 
 def sleep_bank(config, prior, sources, record):
-    """The sleep phase's draws [sleep_draws, N, length] of the frozen priors of ``sources``, or None without a
-    sleep phase.
+    """The sleep phase's draws [sleep_draws, N, length] of the priors of ``sources``, or None without a sleep
+    phase: a score prior's own draws, or a flow run's noiseless prior's (the model of clean sources, whatever
+    level the ELBO steps use).
     Seeded by the run seed and kept in {experiment}/sleep_banks/ under a key of everything they depend on (the
     prior's sha256 included), so a resumed run or another posterior of the same priors reuses them."""
     post = config.posterior
     if post.sleep_steps == 0:
         return None
-    if not hasattr(prior, "denoise"):
-        raise ConfigError(f"posterior.sleep_steps needs priors that can be sampled: the score family's denoisers "
-                          f"(experiment {config.experiment} has {config.model.name} priors); set sleep_steps=0")
     crop = post.crop_length or config.data.crop_length
     length = post.sleep_draw_length or 2 * crop
     if length < crop or post.sleep_draws < 1:
@@ -149,18 +147,37 @@ def sleep_bank(config, prior, sources, record):
     # Every source of the run is drawn, whatever subset this posterior separates: draws are independent per
     # source, so sine + square reuses the four-source bank of the same seed instead of paying for its own.
     all_sources = list(config.data.sources)
-    key = {"prior_sha256": record["sha256"], "sources": all_sources, "draws": post.sleep_draws, "length": length,
-           "steps": post.sleep_sampler_steps, "churn": post.sleep_churn, "seed": config.seed}
+    if hasattr(prior, "denoise"):
+        key = {"prior_sha256": record["sha256"], "sources": all_sources, "draws": post.sleep_draws,
+               "length": length, "steps": post.sleep_sampler_steps, "churn": post.sleep_churn, "seed": config.seed}
+
+        def draw(generator):
+            return sample_score_prior(prior.prior, post.sleep_draws, len(all_sources), length, generator,
+                                      post.sleep_sampler_steps, post.sleep_churn)
+    elif config.model.name == "flowavenet":
+        if post.sleep_temperature <= 0:
+            raise ConfigError(f"posterior.sleep_temperature must be positive, got {post.sleep_temperature}")
+        directory = prior_dir(config, 0.0)
+        if not is_done(directory):
+            raise no_prior_error(config)
+        key = {"prior_sha256": file_sha256(directory / "last.ckpt"), "sources": all_sources,
+               "draws": post.sleep_draws, "length": length, "temperature": post.sleep_temperature,
+               "seed": config.seed}
+
+        def draw(generator):
+            flow = load_prior(directory, all_sources, to_dict(config.model)).prior
+            return sample_flow_prior(flow, post.sleep_draws, length, generator, post.sleep_temperature)
+    else:
+        raise ConfigError(f"posterior.sleep_steps needs priors that can be sampled: score or flow priors "
+                          f"(experiment {config.experiment} has {config.model.name} priors); set sleep_steps=0")
     digest = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
     path = experiment_dir(config) / "sleep_banks" / f"{digest}.pt"
     kept = [all_sources.index(source) for source in sources]
     if path.is_file():
         log.info("sleep bank: %s", path)
         return torch.load(path, weights_only=True)[:, kept]
-    generator = torch.Generator().manual_seed(config.seed + 7919)
     started = time.perf_counter()
-    draws = sample_score_prior(prior.prior, post.sleep_draws, len(all_sources), length, generator,
-                               post.sleep_sampler_steps, post.sleep_churn)
+    draws = draw(torch.Generator().manual_seed(config.seed + 7919))
     log.info("sleep bank: %d draws of %d samples per source in %.0f s -> %s", post.sleep_draws, length,
              time.perf_counter() - started, path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -12,6 +12,7 @@ import torch
 
 from experiments.cli import main
 from experiments.config import load_config
+from experiments.run_layout import load_prior
 from experiments.train import train_noiseless
 from lightning_modules.posterior_module import PosteriorModule
 from tests.conftest import TINY, TINY_POSTERIOR, logged
@@ -141,7 +142,8 @@ def test_separation_errors_name_the_fix(posterior_run, args, message, capsys):
     ("toy_flow", ["posterior.gamma=0"], "posterior.gamma must be a positive number"),
     ("toy_flow", ["posterior.sources=[sine,drums]"], "posterior.sources must be"),
     ("toy_flow", ["posterior.derived=drums"], "posterior.derived='drums' is not one of the posterior's sources"),
-    ("toy_flow", ["posterior.name=sleep", "posterior.sleep_steps=5"], "needs priors that can be sampled"),
+    ("toy_flow", ["posterior.name=sleep", "posterior.sleep_steps=5", "posterior.sleep_temperature=0"],
+     "sleep_temperature must be positive"),
     ("toy_lqvae", [], "separation.algorithm=latent"),
     ("toy_wavenet", [], "model.likelihood=smoothed"),
 ])
@@ -180,3 +182,21 @@ def test_a_users_file_is_separated_into_the_posterior_mean(posterior_run, tmp_pa
     info = json.loads((out / "separation.json").read_text())
     assert info["estimate"] == "posterior mean" and info["n_chunks"] == 8
     assert sorted(p.name for p in out.glob("*.wav")) == ["mix.wav", "saw.wav", "sine.wav", "square.wav", "triangle.wav"]
+
+
+def test_a_flow_posterior_sleeps_on_draws_of_the_noiseless_flow(posterior_run):
+    common, root = posterior_run["common"], posterior_run["root"]
+    sleep = [*TINY_POSTERIOR, "posterior.sleep_steps=10", "posterior.sleep_draws=6", "posterior.sleep_temperature=0.7",
+             "posterior.sources=[sine,square]", "posterior.name=sleep-flow"]
+    assert main(["train-posterior", "experiment=toy_flow", *common, *sleep]) == 0
+    posterior = root / "toy_flow" / "default" / "posterior" / "sleep-flow"
+    assert logged(posterior, "train/sleep_nll") and logged(posterior, "train/mixture")
+    banks = sorted((root / "toy_flow" / "default" / "sleep_banks").glob("*.pt"))
+    assert len(banks) == 1
+    key = json.loads(banks[0].with_suffix(".json").read_text())
+    assert key["temperature"] == 0.7 and key["sources"] == ["sine", "square", "saw", "triangle"]
+    # The bank is the noiseless flow's exact sampler at the temperature, from the run seed's generator.
+    flow = load_prior(root / "toy_flow" / "default" / "noiseless").prior
+    config = load_config("toy_flow", "default", [*common, *sleep])
+    expected = flow.sample(6, 2 * config.data.crop_length, 0.7, torch.Generator().manual_seed(config.seed + 7919))
+    assert torch.allclose(torch.load(banks[0], weights_only=True), expected, atol=1e-5)

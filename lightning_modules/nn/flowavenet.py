@@ -132,11 +132,14 @@ class FloWaveNet(nn.Module):
         return total / x.shape[2]
 
     @torch.no_grad()
-    def sample(self, n, length, temperature=1.0):
+    def sample(self, n, length, temperature=1.0, generator=None):
+        """``n`` draws [n, G, length] of every prior: base noise at ``temperature`` (from ``generator`` if given),
+        then the inverse flow."""
         if length % self.length_multiple:
             raise ValueError(f"sample length must be a multiple of {self.length_multiple}")
+        if temperature <= 0:
+            raise ValueError(f"temperature must be positive, got {temperature}")
         channels = self.length_multiple
         weight = next(self.parameters())
-        z = temperature * torch.randn(n, self.n_priors, channels, length // channels, device=weight.device,
-                                      dtype=weight.dtype)
-        return self.reverse(z)
+        z = temperature * torch.randn(n, self.n_priors, channels, length // channels, generator=generator)
+        return self.reverse(z.to(device=weight.device, dtype=weight.dtype))

@@ -1,4 +1,9 @@
-"""Unconditional samples of a noise-conditional score prior: EDM's stochastic sampler (Karras et al. 2022,
+"""Unconditional samples of the priors, for the sleep phase's bank (experiments/train_posterior.py).
+
+A flow prior (FloWaveNet) samples exactly: base noise at a temperature, then the inverse flow
+(``sample_flow_prior``).
+
+A noise-conditional score prior: EDM's stochastic sampler (Karras et al. 2022,
 algorithm 2) run per source with no mixture, from the prior's largest trained sigma down to its smallest,
 then one last denoising step to sigma 0.
 
@@ -57,3 +62,12 @@ def prior_config(prior):
     if prior is None:
         raise ValueError("not a score prior: no sigma_min to end the sampler at; pass sigma_min")
     return prior.cfg
+
+
+def sample_flow_prior(flow, n, length, generator, temperature=1.0, batch_size=64):
+    """``n`` draws [n, n_priors, length] of a FloWaveNet's priors (independent across priors), in batches of
+    ``batch_size`` from ``generator`` alone."""
+    if n < 1:
+        raise ValueError(f"need n >= 1, got {n}")
+    sizes = [min(batch_size, n - start) for start in range(0, n, batch_size)]
+    return torch.cat([flow.sample(size, length, temperature, generator).float().cpu() for size in sizes])
