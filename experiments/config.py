@@ -209,6 +209,7 @@ class SeparationConfig:
     algorithm: str = "basis"  # basis (paper 004 Alg. 1) | sgld (paper 003 App. 5.1) | diffusion (ISDM, EDM sampler)
     # | latent (paper 002: the LQ-VAE family's exact latent posterior)
     # | variational (the amortised posterior of make train-posterior: its mean and samples)
+    # | template (the control: the posterior mean under stationary Gaussian priors, no trained prior needed)
     name: Optional[str] = None  # output folder under separation/; None = <algorithm>_<sources>
     sources: Optional[List[str]] = None  # the sources to separate, a subset of data.sources; None = all
     n_test: Optional[int] = 16  # the first n test mixtures (a fixed subset); None = the whole test set
@@ -229,6 +230,10 @@ class SeparationConfig:
     # sgld_prior_sigma from make finetune-noise (else the BASIS grid); nearest: the finished level nearest in
     # log-sigma from either layout (the algorithm's own grid wins ties). The directories are recorded.
     prior_levels: str = "exact"
+    # template (lightning_modules/samplers/spectral_template.py): each class's power spectrum from the first
+    # template_batches batches of its solo training crops, windows of template_fft samples (hop / 4)
+    template_fft: int = 2048
+    template_batches: int = 64
     sgld_steps: int = 1000
     sgld_eta: float = 2e-5
     sgld_gamma: float = 0.01

@@ -239,6 +239,26 @@ def variational_separator(config, sources, alpha):
     return separator, module.prior, record
 
 
+def template_separator(config, sources, alpha):
+    """(the stationary-Gaussian control, its model as the selection prior, record): each class's power spectrum
+    from the run's solo training crops of ``sources``; no trained prior is needed."""
+    from lightning_modules.samplers.spectral_template import SpectralTemplate, class_power_spectra
+
+    sep = config.separation
+    if sep.template_fft < 4 or sep.template_fft % 2 or sep.template_batches < 1:
+        raise ConfigError(f"separation.template_fft must be an even window of at least 4 samples and "
+                          f"template_batches >= 1; got {sep.template_fft}, {sep.template_batches}")
+    data = OmegaConf.merge(config.data, {"sources": sources})
+    datamodule = build_datamodule(data, seed=config.seed, output_root=config.output_root)
+    datamodule.setup("fit")  # a bad dataset root stops here
+    spectra = class_power_spectra(datamodule.train_dataloader(), sep.template_fft, sep.template_batches)
+    template = SpectralTemplate(spectra, sep.template_fft)
+    separator = SAMPLERS[sep.algorithm].build(template, alpha, sep)
+    record = {"template": {"n_fft": sep.template_fft, "batches": sep.template_batches, "split": "train",
+                           "crop_length": data.crop_length, "batch_size": data.batch_size}}
+    return separator, template, record
+
+
 def build_separator(config):
     """(separator, selection prior, sources, record): the record says which prior directory serves each
     level and the selection, and which mixing is used (and why). The separation length is checked here."""
@@ -246,7 +266,7 @@ def build_separator(config):
     sep, sources = config.separation, separation_sources(config)
     alpha, mixing = resolve_mixing(config, len(sources))
     if entry.needs != "score":  # their own models, no noise levels
-        build = {"latent": latent_separator, "posterior": variational_separator}[entry.needs]
+        build = {"latent": latent_separator, "posterior": variational_separator, "data": template_separator}[entry.needs]
         separator, selection, record = build(config, sources, alpha)
         return separator, selection, sources, record | {"mixing": mixing, "selection": selection_kind(selection)}
     if config.model.name == "lqvae":  # refused before looking for noise levels this family never has

@@ -11,6 +11,7 @@ needs  "score": the priors' ``score(x, sigma)`` (a noise-conditional family nati
                 build(score_model, alpha, settings, levels)
        "latent": the LQ-VAE family's latent priors; build(latent_prior, alpha, settings, indices, length)
        "posterior": a trained amortised posterior (make train-posterior); build(posterior_module, alpha, settings)
+       "data": the run's solo training crops, no trained prior (the control); build(template, alpha, settings)
 """
 from dataclasses import dataclass
 from typing import Callable, Optional, Tuple
@@ -71,6 +72,12 @@ def build_variational(module, alpha, s):
     return VariationalSeparator(module, module.prior)
 
 
+def build_template(template, alpha, s):
+    from lightning_modules.samplers.spectral_template import TemplateSeparator
+
+    return TemplateSeparator(template, alpha)
+
+
 def basis_schedule(s):
     return basis_levels(basis_sigmas(s.levels, s.sigma_max, s.sigma_min)[::-1], s.delta, s.steps_per_level)
 
@@ -89,4 +96,5 @@ SAMPLERS = {
                               check=diffusion_conflicts),
     "latent": SamplerEntry("latent", build_latent),
     "variational": SamplerEntry("posterior", build_variational),
+    "template": SamplerEntry("data", build_template),
 }

@@ -20,6 +20,26 @@ def check_window(n_fft):
         raise ValueError(f"separation.wiener_fft must be 0 (off) or an even window of at least 4 samples, got {n_fft}")
 
 
+def stft(x, n_fft):
+    """[..., T] -> [..., n_fft / 2 + 1, frames]: Hann windows of n_fft samples, hop n_fft / 4."""
+    window = torch.hann_window(n_fft, dtype=x.dtype, device=x.device)
+    spectrum = torch.stft(x.reshape(-1, x.shape[-1]), n_fft, n_fft // 4, window=window, return_complex=True)
+    return spectrum.view(*x.shape[:-1], *spectrum.shape[-2:])
+
+
+def share_mixture(mix, power, n_fft):
+    """The mixture's STFT shared among N parts in proportion to ``power`` [..., N, F, frames] (or [N, F, 1], one
+    mask per bin for every frame): the parts [..., N, T], which sum to mix [..., T] exactly."""
+    length = mix.shape[-1]
+    total = power.sum(dim=-3, keepdim=True)
+    floor = EPSILON * total + 1e-30
+    masks = (power + floor) / (total + power.shape[-3] * floor)
+    shared = masks * stft(mix, n_fft).unsqueeze(-3)
+    window = torch.hann_window(n_fft, dtype=mix.dtype, device=mix.device)
+    parts = torch.istft(shared.reshape(-1, *shared.shape[-2:]), n_fft, n_fft // 4, window=window, length=length)
+    return parts.view(*shared.shape[:-2], length)
+
+
 def wiener_filter(mix, estimates, alpha, n_fft):
     """estimates [..., N, T] refiltered from mix [..., T]: windows of n_fft samples (Hann), hop n_fft / 4."""
     length = estimates.shape[-1]
@@ -30,17 +50,6 @@ def wiener_filter(mix, estimates, alpha, n_fft):
         raise ValueError(f"separation.wiener_fft = {n_fft} needs estimates longer than {n_fft // 2} samples, got "
                          f"{length}; use a smaller window or longer chunks (separation.length)")
     alpha = alpha.to(estimates.dtype)
-    hop, window = n_fft // 4, torch.hann_window(n_fft, dtype=estimates.dtype, device=estimates.device)
-
-    def stft(x):
-        return torch.stft(x.reshape(-1, length), n_fft, hop, window=window, return_complex=True)
-
-    contributions = stft(alpha[:, None] * estimates).view(*estimates.shape[:-1], n_fft // 2 + 1, -1)
-    power = contributions.abs().pow(2)
-    total = power.sum(dim=-3, keepdim=True)
-    floor = EPSILON * total + 1e-30
-    masks = (power + floor) / (total + power.shape[-3] * floor)
-    spectrum = stft(mix.expand(*estimates.shape[:-2], length)).view(*estimates.shape[:-2], 1, *masks.shape[-2:])
-    filtered = torch.istft((masks * spectrum).reshape(-1, *masks.shape[-2:]), n_fft, hop, window=window,
-                           length=length)
-    return filtered.view(estimates.shape) / alpha[:, None]
+    power = stft(alpha[:, None] * estimates, n_fft).abs().pow(2)
+    contributions = share_mixture(mix.expand(*estimates.shape[:-2], length), power, n_fft)
+    return contributions / alpha[:, None]
