@@ -37,10 +37,10 @@ TINY_LQVAE = [o for o in TINY if not o.startswith("model.")] + [
     "model.context=16", "lqvae.lr=3e-3", "lqvae.max_steps=40", "lqvae.val_check_interval=10", "lqvae.n_test=7",
 ]
 
-# A tiny variational posterior, trained against the noiseless tiny prior.
+# A tiny variational posterior, trained on the ELBO alone (no sleep phase) against the noiseless tiny prior.
 TINY_POSTERIOR = ["posterior.max_steps=30", "posterior.val_check_interval=10", "posterior.width=8",
                   "posterior.n_layers=3", "posterior.n_val=4", "posterior.batch_size=4", "posterior.lr=3e-3",
-                  "posterior.prior_sigma=0"]
+                  "posterior.prior_sigma=0", "posterior.sleep_steps=0"]
 
 
 def logged(run_dir, key):
