@@ -266,7 +266,8 @@ def build_separator(config):
     sep, sources = config.separation, separation_sources(config)
     alpha, mixing = resolve_mixing(config, len(sources))
     if entry.needs != "score":  # their own models, no noise levels
-        build = {"latent": latent_separator, "posterior": variational_separator, "data": template_separator}[entry.needs]
+        builders = {"latent": latent_separator, "posterior": variational_separator, "data": template_separator}
+        build = builders[entry.needs]
         separator, selection, record = build(config, sources, alpha)
         return separator, selection, sources, record | {"mixing": mixing, "selection": selection_kind(selection)}
     if config.model.name == "lqvae":  # refused before looking for noise levels this family never has
