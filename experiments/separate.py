@@ -27,6 +27,7 @@ from lightning_modules.prior_registry import is_noise_conditional
 from lightning_modules.samplers.level_score import LevelScore, log_distance
 from lightning_modules.samplers.mixing import mixing_weights
 from lightning_modules.samplers.registry import SAMPLERS
+from lightning_modules.samplers.wiener_filter import check_window
 from lightning_modules.separation import SeparationModule, selection_kind
 
 log = logging.getLogger(__name__)
@@ -245,9 +246,12 @@ def template_separator(config, sources, alpha):
     from lightning_modules.samplers.spectral_template import SpectralTemplate, class_power_spectra
 
     sep = config.separation
-    if sep.template_fft < 4 or sep.template_fft % 2 or sep.template_batches < 1:
-        raise ConfigError(f"separation.template_fft must be an even window of at least 4 samples and "
-                          f"template_batches >= 1; got {sep.template_fft}, {sep.template_batches}")
+    try:
+        check_window(sep.template_fft, "separation.template_fft", off_allowed=False)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    if sep.template_batches < 1:
+        raise ConfigError(f"separation.template_batches must be >= 1, got {sep.template_batches}")
     data = OmegaConf.merge(config.data, {"sources": sources})
     datamodule = build_datamodule(data, seed=config.seed, output_root=config.output_root)
     datamodule.setup("fit")  # a bad dataset root stops here

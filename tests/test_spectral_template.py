@@ -63,5 +63,7 @@ def test_make_separate_with_the_template_needs_no_trained_prior(tmp_path, capsys
     capsys.readouterr()
     assert main(["separate", "experiment=toy_flow", *common, "separation.template_fft=15"]) == 2
     assert "separation.template_fft must be an even window" in capsys.readouterr().err
+    assert main(["separate", "experiment=toy_flow", *common, "separation.template_batches=0"]) == 2
+    assert "separation.template_batches must be >= 1" in capsys.readouterr().err
     assert main(["separate", "experiment=toy_flow", *common, "separation.template_fft=512"]) != 0
     assert "needs training crops of at least 512 samples" in capsys.readouterr().err

@@ -14,10 +14,12 @@ import torch
 EPSILON = 1e-10  # relative to the bin's total power: a bin silent in every estimate is split equally
 
 
-def check_window(n_fft):
-    """Refuse a separation.wiener_fft the filter cannot use (0 = off), before any separation work is done."""
-    if n_fft != 0 and (n_fft < 4 or n_fft % 2):
-        raise ValueError(f"separation.wiener_fft must be 0 (off) or an even window of at least 4 samples, got {n_fft}")
+def check_window(n_fft, name="separation.wiener_fft", off_allowed=True):
+    """Refuse an STFT window (``name``'s value) that cannot be used, before any separation work is done; 0 means
+    off where ``off_allowed``."""
+    if (n_fft != 0 or not off_allowed) and (n_fft < 4 or n_fft % 2):
+        off = "0 (off) or " if off_allowed else ""
+        raise ValueError(f"{name} must be {off}an even window of at least 4 samples, got {n_fft}")
 
 
 def stft(x, n_fft):
