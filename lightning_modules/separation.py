@@ -16,7 +16,10 @@ baselines beside it, one row per (mixture, method):
 * ``<algorithm>_<name>_of_C`` for each of the sampler's own ``extra_choice_names`` (its
   ``extra_choices(mix, estimates) -> {name: [B] chain}``; the latent separator's time-domain consistency);
 * ``<algorithm>_<name>`` for each of the sampler's ``point_estimate_names``: an estimate that is no chain
-  (``trace["point_estimates"] = {name: [B, N, T]}``; the variational posterior's mean).
+  (``trace["point_estimates"] = {name: [B, N, T]}``; the variational posterior's mean);
+* ``<algorithm>_posterior_wiener_of_C`` with ``wiener_fft`` and C > 1: the mixture shared by each source's
+  power averaged over all C chains (samplers/wiener_filter.py), an estimate of the posterior mean that no
+  chain is.
 
 ``mixture_consistency`` projects every estimate onto the mixture before it is scored (the nearest sources,
 in L2, whose weighted sum is m; samplers/mixture_projection.py), and ``wiener_fft`` first refilters it from the
@@ -39,7 +42,7 @@ import torch.distributed as dist
 
 from lightning_modules.metrics.separation_metrics import average_baseline, bss_sdr, si_sdr, si_sdr_of_mix, windowed_si_sdri
 from lightning_modules.samplers.mixture_projection import project_to_mixture
-from lightning_modules.samplers.wiener_filter import check_window, wiener_filter
+from lightning_modules.samplers.wiener_filter import check_window, posterior_wiener, wiener_filter
 
 SEED_STRIDE = 1_000_003
 PROTOCOLS = ("full", "windowed")
@@ -84,7 +87,12 @@ class SeparationModule(pl.LightningModule):
             names += [f"{self.algorithm}_selected_of_{self.n_chains}", f"{self.algorithm}_oracle_of_{self.n_chains}"]
             names += [f"{self.algorithm}_{extra}_of_{self.n_chains}"
                       for extra in getattr(self.separator, "extra_choice_names", ())]
+            if self.wiener_fft:
+                names.append(self.posterior_wiener_name())
         return names
+
+    def posterior_wiener_name(self):
+        return f"{self.algorithm}_posterior_wiener_of_{self.n_chains}"
 
     def on_test_epoch_start(self):
         for buffer in (self.trace_loglik, self.trace_mix_error, self.count, self.samples, self.nonfinite_steps,
@@ -112,8 +120,13 @@ class SeparationModule(pl.LightningModule):
             if self.n_chains > 1 and hasattr(self.separator, "extra_choices"):
                 extras = self.separator.extra_choices(mix, estimates)
             options = (self.separator.alpha, self.wiener_fft, self.mixture_consistency)
+            if self.wiener_fft and self.n_chains > 1:  # from the chains as sampled, not each one refiltered
+                combined = posterior_wiener(mix, estimates, self.separator.alpha, self.wiener_fft)
             estimates = post_filter(mix.unsqueeze(1), estimates, *options)
             points = {name: post_filter(mix, point, *options) for name, point in points.items()}
+            if self.wiener_fft and self.n_chains > 1:
+                points[self.posterior_wiener_name()] = post_filter(mix, combined, self.separator.alpha,
+                                                                   mixture_consistency=self.mixture_consistency)
             chain_scores = si_sdr(estimates, references.unsqueeze(1))  # [B, C, N]
             chosen = self.choose(selection.mean(dim=2), chain_scores)
             chosen.update({f"{self.algorithm}_{name}_of_{self.n_chains}": chain for name, chain in extras.items()})

@@ -48,8 +48,9 @@ def brute_force(prior, indices, alpha, sources, sigma, target="quantised"):
                 for i in range(k):
                     for j in range(k):
                         summed = alpha[0] * codebook[i] + alpha[1] * codebook[j]
-                        nearest = codebook[(summed - codebook).pow(2).sum(-1).argmin()]
-                        distance = (mix_latent[s] - nearest).pow(2).sum()
+                        if target == "quantised":  # B_Q of the sum; E(m) is compared with the sum itself
+                            summed = codebook[(summed - codebook).pow(2).sum(-1).argmin()]
+                        distance = (mix_latent[s] - summed).pow(2).sum()
                         scores[i, j] = log_p[0][i] + log_p[1][j] - distance / (2 * sigma**2)
                 total += float(scores.flatten().log_softmax(0)[codes[0][s] * k + codes[1][s]])
                 count += 1

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lightning_modules.metrics.separation_metrics import si_sdr
-from lightning_modules.samplers.wiener_filter import wiener_filter
+from lightning_modules.samplers.wiener_filter import posterior_wiener, wiener_filter
 
 
 def tones(length=4096, rate=8000.0, phases=(0.0, 0.0)):
@@ -67,6 +67,32 @@ def test_the_loop_scores_filtered_estimates_but_ranks_the_chains_on_the_samplers
             assert row["mix_error"] < 1e-10
             expected = si_sdr(filtered[index, row["chain"]], references[index]).mean()
             assert abs(row["si_sdr"] - float(expected)) < 1e-4
+    combined = posterior_wiener(mix, separator.chains, separator.alpha, 32)
+    for index in range(2):
+        row = rows[index, "fixed_posterior_wiener_of_3"]
+        assert row["chain"] is None and row["mix_error"] < 1e-10
+        assert abs(row["si_sdr"] - float(si_sdr(combined[index], references[index]).mean())) < 1e-4
+    assert module.method_names()[-1] == "fixed_posterior_wiener_of_3"
+    unfiltered = SeparationModule(separator, ["a", "b"], "fixed", n_chains=3)
+    assert not any("posterior_wiener" in name for name in unfiltered.method_names())
     for bad in (-1, 15):  # refused when the loop is built, before any separation work
         with pytest.raises(ValueError, match="0 \\(off\\) or an even window"):
             SeparationModule(separator, ["a", "b"], "fixed", wiener_fft=bad)
+
+
+def test_the_chains_mean_power_shares_the_mixture_better_than_any_one_chain():
+    # Each chain is the truth drowned in its own noise: one chain's masks follow its noise, the mean power over
+    # the chains follows the truth, so the combined estimate beats even the best single refiltered chain
+    # (15.6 against 14.7 dB, 12.4 on average).
+    sources, alpha = tones(), torch.ones(2, dtype=torch.float64)
+    mix = sources.sum(dim=0)
+    noise = torch.randn(16, 2, sources.shape[-1], generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    chains = sources + 2.0 * noise  # [C, N, T]
+    combined = posterior_wiener(mix, chains, alpha, 512)
+    assert ((mix - combined.sum(dim=0)).abs().max()) < 1e-10
+    single = torch.stack([si_sdr(wiener_filter(mix, chain, alpha, 512), sources).mean() for chain in chains])
+    score = si_sdr(combined, sources).mean()
+    assert score > single.max() and score > single.mean() + 2
+    assert torch.allclose(posterior_wiener(mix, chains[:1], alpha, 512), wiener_filter(mix, chains[0], alpha, 512))
+    with pytest.raises(ValueError, match="needs a window"):
+        posterior_wiener(mix, chains, alpha, 0)

@@ -16,11 +16,12 @@ of each source's prior alone and samples among their top_k^N tuples. Both score 
 its UNquantised weighted sum to m_s (re-quantising every tuple would cost a K-way search each). Two sources
 always get the exact K^2 posterior.
 
-``target="latent"`` replaces m_s by E(m)_s, the mixture's latent before quantisation. For four sources the
-quantised code is one of K values per step, while the tuple has K^4: on the toy validation crops the true
-tuple's weighted sum lies at a squared distance of 0.68 from B_Q(E(m)) but 0.19 from E(m), and a beam of 64
-held the true tuple at 1 % of the steps against 47 % (sigma 0.03, teacher-forced priors; docs/lqvae.md). For
-two sources the exact pairs rank nearly the same either way.
+``target="latent"`` replaces m_s by E(m)_s, the mixture's latent before quantisation, and compares it with
+the UNquantised weighted sum of every tuple (two sources too: their quantised sums take only K values, which
+would throw away what the unquantised target adds). For four sources the quantised code is one of K values per
+step, while the tuple has K^4: on the toy validation crops the true tuple's weighted sum lies at a squared
+distance of 0.68 from B_Q(E(m)) but 0.19 from E(m), and a beam of 64 held the true tuple at 1 % of the steps
+against 47 % (sigma 0.03, teacher-forced priors; docs/lqvae.md).
 
 The Transformers run with their key/value caches; the C candidates of each mixture are one batch and are
 drawn with a generator seeded by the mixture's seed, so they do not depend on batching or sharding.
@@ -128,8 +129,11 @@ class LatentSeparator(nn.Module):
         n_sources, k = log_priors.shape[1], log_priors.shape[2]
         if n_sources == 2:
             table = self.sum_table().long()  # [K, K]
-            distance = (mix_code[:, None] - codebook[None]).pow(2).sum(-1)  # [M, K]: ||m_s - e_c||^2
-            sum_distance = distance[:, table]  # [M, K, K]
+            if self.target == "latent":
+                sum_distance = self.relaxed_pair_distances(mix_code)  # [M, K, K]
+            else:
+                distance = (mix_code[:, None] - codebook[None]).pow(2).sum(-1)  # [M, K]: ||m_s - e_c||^2
+                sum_distance = distance[:, table]  # [M, K, K]
             prior = log_priors[:, 0, :, None] + log_priors[:, 1, None, :]
             tuples = self.pairs(k, mix_code.device).unsqueeze(0).expand(mix_code.shape[0], -1, -1)
 
@@ -140,6 +144,19 @@ class LatentSeparator(nn.Module):
         if self.search == "beam":
             return self.beam_scores(log_priors, mix_code, self.beam)
         return self.top_k_scores(log_priors, mix_code, self.top_k)
+
+    def relaxed_pair_distances(self, mix_code):
+        """[M, K, K] ||m_s - (alpha_0 e_i + alpha_1 e_j)||^2 for every pair, expanded so that the K^2 sums
+        are never formed: |m|^2 + alpha_0^2 |e_i|^2 + alpha_1^2 |e_j|^2 - 2 alpha_0 m.e_i - 2 alpha_1 m.e_j
+        + 2 alpha_0 alpha_1 e_i.e_j."""
+        codebook = self.prior.lqvae.quantizer.codebook.float()
+        a0, a1 = (float(a) for a in self.alpha)
+        norms, dots = codebook.pow(2).sum(-1), mix_code @ codebook.T  # [K], [M, K]
+        first = a0 * a0 * norms - 2 * a0 * dots
+        second = a1 * a1 * norms - 2 * a1 * dots
+        cross = 2 * a0 * a1 * (codebook @ codebook.T)
+        total = mix_code.pow(2).sum(-1)[:, None, None] + first[:, :, None] + second[:, None, :] + cross
+        return total.clamp(min=0)  # rounding can take an exact match a hair below zero
 
     def top_k_scores(self, log_priors, mix_code, top_k):
         """The top-k approximation for N > 2 sources (module docstring): (tuples [M, top_k^N, N], scores)."""

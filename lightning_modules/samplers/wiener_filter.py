@@ -7,7 +7,7 @@ source whose estimate has the right spectral envelope but the wrong waveform (a 
 it cannot know) comes back with the mixture's phase, and the filtered sources sum to m exactly (the masks sum to
 1 in every bin, and the ISTFT is linear). The usual last step of spectrogram separators (Open-Unmix, Demucs'
 "Wiener" option); ``separation.wiener_fft`` applies it to finished estimates. Bins where every estimate is silent
-are shared equally.
+are shared equally. ``posterior_wiener`` shares the mixture by the power averaged over all of a sampler's chains.
 """
 import torch
 
@@ -20,6 +20,15 @@ def check_window(n_fft, name="separation.wiener_fft", off_allowed=True):
     if (n_fft != 0 or not off_allowed) and (n_fft < 4 or n_fft % 2):
         off = "0 (off) or " if off_allowed else ""
         raise ValueError(f"{name} must be {off}an even window of at least 4 samples, got {n_fft}")
+
+
+def check_length(n_fft, length):
+    if n_fft == 0:
+        raise ValueError("the Wiener filter needs a window: separation.wiener_fft = 0 means no filter")
+    check_window(n_fft)
+    if length <= n_fft // 2:
+        raise ValueError(f"separation.wiener_fft = {n_fft} needs estimates longer than {n_fft // 2} samples, got "
+                         f"{length}; use a smaller window or longer chunks (separation.length)")
 
 
 def stft(x, n_fft):
@@ -45,13 +54,18 @@ def share_mixture(mix, power, n_fft):
 def wiener_filter(mix, estimates, alpha, n_fft):
     """estimates [..., N, T] refiltered from mix [..., T]: windows of n_fft samples (Hann), hop n_fft / 4."""
     length = estimates.shape[-1]
-    if n_fft == 0:
-        raise ValueError("wiener_filter needs a window: separation.wiener_fft = 0 means no filter")
-    check_window(n_fft)
-    if length <= n_fft // 2:
-        raise ValueError(f"separation.wiener_fft = {n_fft} needs estimates longer than {n_fft // 2} samples, got "
-                         f"{length}; use a smaller window or longer chunks (separation.length)")
+    check_length(n_fft, length)
     alpha = alpha.to(estimates.dtype)
     power = stft(alpha[:, None] * estimates, n_fft).abs().pow(2)
     contributions = share_mixture(mix.expand(*estimates.shape[:-2], length), power, n_fft)
     return contributions / alpha[:, None]
+
+
+def posterior_wiener(mix, chains, alpha, n_fft):
+    """One estimate [..., N, T] from every chain [..., C, N, T] of mix [..., T]: each bin's share is the source's
+    power averaged over the chains, a Monte Carlo estimate of its posterior expected power E[|C_k|^2 | m], so bins
+    where the chains disagree are split by how often each source holds them rather than by one chain's draw."""
+    check_length(n_fft, chains.shape[-1])
+    alpha = alpha.to(chains.dtype)
+    power = stft(alpha[:, None] * chains, n_fft).abs().pow(2).mean(dim=-4)
+    return share_mixture(mix, power, n_fft) / alpha[:, None]
