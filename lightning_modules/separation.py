@@ -13,6 +13,8 @@ baselines beside it, one row per (mixture, method):
   samples meet the mixture, so p(x | m) is proportional to p(x)), by its ``selection_score`` when it has
   one (a score network's denoising score: its exact likelihood is an ODE solve), else its ``log_prob``;
 * ``<algorithm>_oracle_of_C``: the chain with the best mean SI-SDR (needs the references; an upper bound);
+* ``<algorithm>_consensus_of_C``: the chain with the best mean SI-SDR against the other chains (the
+  minimum-Bayes-risk choice: no prior, no reference);
 * ``<algorithm>_<name>_of_C`` for each of the sampler's own ``extra_choice_names`` (its
   ``extra_choices(mix, estimates) -> {name: [B] chain}``; the latent separator's time-domain consistency);
 * ``<algorithm>_<name>`` for each of the sampler's ``point_estimate_names``: an estimate that is no chain
@@ -84,7 +86,8 @@ class SeparationModule(pl.LightningModule):
         names = ["average", self.algorithm]
         names += [f"{self.algorithm}_{name}" for name in getattr(self.separator, "point_estimate_names", ())]
         if self.n_chains > 1:
-            names += [f"{self.algorithm}_selected_of_{self.n_chains}", f"{self.algorithm}_oracle_of_{self.n_chains}"]
+            names += [f"{self.algorithm}_selected_of_{self.n_chains}", f"{self.algorithm}_oracle_of_{self.n_chains}",
+                      f"{self.algorithm}_consensus_of_{self.n_chains}"]
             names += [f"{self.algorithm}_{extra}_of_{self.n_chains}"
                       for extra in getattr(self.separator, "extra_choice_names", ())]
             if self.wiener_fft:
@@ -128,7 +131,7 @@ class SeparationModule(pl.LightningModule):
                 points[self.posterior_wiener_name()] = post_filter(mix, combined, self.separator.alpha,
                                                                    mixture_consistency=self.mixture_consistency)
             chain_scores = si_sdr(estimates, references.unsqueeze(1))  # [B, C, N]
-            chosen = self.choose(selection.mean(dim=2), chain_scores)
+            chosen = self.choose(selection.mean(dim=2), chain_scores, estimates)
             chosen.update({f"{self.algorithm}_{name}_of_{self.n_chains}": chain for name, chain in extras.items()})
             rows = self.score(mix, references, indices, estimates, chosen, selection, chain_scores, points)
         self.rows.extend(rows)
@@ -136,12 +139,13 @@ class SeparationModule(pl.LightningModule):
         picked.update({name: estimates[torch.arange(batch_size), chain] for name, chain in chosen.items()})
         return {"index": indices, "mix": mix, "references": references, "estimates": picked}
 
-    def choose(self, selection, chain_scores):
+    def choose(self, selection, chain_scores, estimates):
         """Which chain each method takes, per mixture: {method: [B] chain indices}."""
         chosen = {self.algorithm: torch.zeros(selection.shape[0], dtype=torch.long, device=selection.device)}
         if self.n_chains > 1:
             chosen[f"{self.algorithm}_selected_of_{self.n_chains}"] = selection.nan_to_num(nan=-torch.inf).argmax(dim=1)
             chosen[f"{self.algorithm}_oracle_of_{self.n_chains}"] = chain_scores.mean(dim=2).argmax(dim=1)
+            chosen[f"{self.algorithm}_consensus_of_{self.n_chains}"] = consensus_choice(estimates)
         return chosen
 
     def score(self, mix, references, indices, estimates, chosen, selection, chain_scores, points=None):
@@ -214,6 +218,19 @@ class SeparationModule(pl.LightningModule):
             for metric in ("si_sdr", "si_sdri", "sdr", "si_sdri_windowed"):
                 if metric in stats:
                     self.log(f"separation/{name}/{metric}", stats[metric], rank_zero_only=True)
+
+
+def consensus_choice(estimates):
+    """[B, C, N, T] -> [B]: the chain whose sources score best, in mean SI-SDR, against every other chain's. The
+    minimum-Bayes-risk choice with the chains as samples of the posterior: it needs no prior and no reference."""
+    n_chains = estimates.shape[1]
+    total = torch.zeros(estimates.shape[:2], dtype=torch.float64, device=estimates.device)
+    for other in range(n_chains):  # one reference chain at a time: C x C pairs of whole estimates would not fit
+        scores = si_sdr(estimates, estimates[:, other:other + 1]).mean(dim=2)  # [B, C]
+        scores = scores.nan_to_num(nan=-100.0, posinf=100.0, neginf=-100.0).clamp(-100.0, 100.0)
+        scores[:, other] = 0.0  # a chain against itself says nothing
+        total += scores
+    return total.argmax(dim=1)
 
 
 def post_filter(mix, estimates, alpha, wiener_fft=0, mixture_consistency=False):
