@@ -188,7 +188,8 @@ def test_latent_separation_runs_in_the_test_loop_and_equals_single_process_under
     assert single.returncode == 0, single.stderr[-2000:]
     single_rows = rows()
     methods = {r["method"] for r in single_rows}
-    assert methods == {"average", "latent", "latent_selected_of_3", "latent_oracle_of_3", "latent_consistent_of_3"}
+    assert methods == {"average", "latent", "latent_selected_of_3", "latent_oracle_of_3", "latent_consistent_of_3",
+                       "latent_consensus_of_3"}
     summary = json.loads((out_dir / "summary.json").read_text())
     assert "rejection" in summary["selection"]
     ddp = subprocess.run([sys.executable, "-m", "experiments.cli", *common, "trainer.devices=2",

@@ -74,7 +74,8 @@ def test_variational_separation_rows_and_ddp_equality(posterior_run):
     assert single.returncode == 0, single.stderr[-2000:]
     single_rows = separation_rows(out_dir)
     assert {r["method"] for r in single_rows} == {"average", "variational", "variational_mean",
-                                                  "variational_selected_of_2", "variational_oracle_of_2"}
+                                                  "variational_selected_of_2", "variational_oracle_of_2",
+                                                  "variational_consensus_of_2"}
     summary = json.loads((out_dir / "summary.json").read_text())
     assert summary["config"]["posterior"]["posterior_dir"].endswith("sine-square-saw-triangle")
     ddp = subprocess.run([sys.executable, "-m", "experiments.cli", *args, "trainer.devices=2", "trainer.strategy=ddp"],

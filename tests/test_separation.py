@@ -86,7 +86,7 @@ def si_sdr_from_correlation(estimate, reference):
 
 def test_separation_test_loop_writes_every_result(flow_run, main_run):
     results, out_dir = main_run
-    methods = ["average", "basis", "basis_selected_of_3", "basis_oracle_of_3"]
+    methods = ["average", "basis", "basis_selected_of_3", "basis_oracle_of_3", "basis_consensus_of_3"]
     assert list(results["summary"]) == methods
     rows = read_rows(out_dir)
     assert [(int(r["index"]), r["method"]) for r in rows] == [(i, m) for i in range(5) for m in methods]
@@ -493,7 +493,7 @@ def diffusion_run(flow_run):
 def test_diffusion_runs_through_the_separation_loop_on_every_finished_level(flow_run, diffusion_run):
     results, out_dir = diffusion_run
     config = load_config("toy_flow", "default", flow_run + DIFFUSION)
-    methods = ["average", "diffusion", "diffusion_selected_of_3", "diffusion_oracle_of_3"]
+    methods = ["average", "diffusion", "diffusion_selected_of_3", "diffusion_oracle_of_3", "diffusion_consensus_of_3"]
     assert list(results["summary"]) == methods
     rows = read_rows(out_dir)
     assert [(int(r["index"]), r["method"]) for r in rows] == [(i, m) for i in range(3) for m in methods]
