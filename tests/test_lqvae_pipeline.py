@@ -196,7 +196,7 @@ def test_latent_separation_runs_in_the_test_loop_and_equals_single_process_under
                           "trainer.strategy=ddp"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     ddp_rows = rows()
-    assert len(ddp_rows) == len(single_rows) == 25
+    assert len(ddp_rows) == len(single_rows) == 30
     for a, b in zip(single_rows, ddp_rows):
         assert (a["index"], a["method"], a["chain"]) == (b["index"], b["method"], b["chain"])
         assert float(a["si_sdr"]) == pytest.approx(float(b["si_sdr"]), abs=1e-3)

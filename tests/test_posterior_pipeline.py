@@ -82,7 +82,7 @@ def test_variational_separation_rows_and_ddp_equality(posterior_run):
                          cwd=REPO, capture_output=True, text=True, timeout=300)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     ddp_rows = separation_rows(out_dir)
-    assert len(ddp_rows) == len(single_rows) == 15
+    assert len(ddp_rows) == len(single_rows) == 18
     for a, b in zip(single_rows, ddp_rows):
         assert (a["index"], a["method"], a["chain"]) == (b["index"], b["method"], b["chain"])
         assert float(a["si_sdr"]) == pytest.approx(float(b["si_sdr"]), abs=1e-3)

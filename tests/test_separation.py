@@ -119,7 +119,7 @@ def test_separation_test_loop_writes_every_result(flow_run, main_run):
     report.audio_examples = [(0, {"mix": audio.astype(np.float32)})]
     report.log_to_wandb(results, Run())
     assert {"separation/rows", "separation/summary", "separation/trace", "separation/audio/00000/mix"} <= set(logged)
-    assert len(logged["separation/rows"].data) == 20
+    assert len(logged["separation/rows"].data) == 25
 
 
 def test_nearest_levels_come_from_either_layout_and_are_recorded_with_their_directories(flow_run, main_run):
@@ -206,7 +206,7 @@ def test_windowed_protocol_adds_columns_and_leaves_the_others_alone(flow_run, ma
         "separation.n_test=2", "separation.protocol=windowed", "separation.name=windowed",
         f"separation.window_seconds={64 / 16000}", f"separation.hop_seconds={32 / 16000}"])
     results, out_dir = run_separation(config)
-    rows, full = read_rows(out_dir), read_rows(main_run[1])[:8]
+    rows, full = read_rows(out_dir), read_rows(main_run[1])[:10]
     for row, before in zip(rows, full, strict=True):
         assert (row["index"], row["method"], row["chain"]) == (before["index"], before["method"], before["chain"])
         for key in before:
@@ -251,7 +251,7 @@ def test_ddp_sharded_separation_covers_each_mixture_once_and_equals_single_proce
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     ddp_rows = read_rows(out_dir)
     assert sorted(int(r["index"]) for r in ddp_rows if r["method"] == algorithm) == list(range(5))
-    assert len(ddp_rows) == len(single_rows) == 20
+    assert len(ddp_rows) == len(single_rows) == 25
     for a, b in zip(single_rows, ddp_rows):
         assert (a["index"], a["method"], a["chain"]) == (b["index"], b["method"], b["chain"])
         assert float(a["si_sdr"]) == pytest.approx(float(b["si_sdr"]), abs=1e-3)
