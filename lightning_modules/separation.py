@@ -123,13 +123,12 @@ class SeparationModule(pl.LightningModule):
             if self.n_chains > 1 and hasattr(self.separator, "extra_choices"):
                 extras = self.separator.extra_choices(mix, estimates)
             options = (self.separator.alpha, self.wiener_fft, self.mixture_consistency)
-            if self.wiener_fft and self.n_chains > 1:  # from the chains as sampled, not each one refiltered
-                combined = posterior_wiener(mix, estimates, self.separator.alpha, self.wiener_fft)
+            combined = {}
+            if self.wiener_fft and self.n_chains > 1:  # from the chains as sampled; it mixes back exactly already
+                combined[self.posterior_wiener_name()] = posterior_wiener(mix, estimates, self.separator.alpha,
+                                                                          self.wiener_fft)
             estimates = post_filter(mix.unsqueeze(1), estimates, *options)
-            points = {name: post_filter(mix, point, *options) for name, point in points.items()}
-            if self.wiener_fft and self.n_chains > 1:
-                points[self.posterior_wiener_name()] = post_filter(mix, combined, self.separator.alpha,
-                                                                   mixture_consistency=self.mixture_consistency)
+            points = {name: post_filter(mix, point, *options) for name, point in points.items()} | combined
             chain_scores = si_sdr(estimates, references.unsqueeze(1))  # [B, C, N]
             chosen = self.choose(selection.mean(dim=2), chain_scores, estimates)
             chosen.update({f"{self.algorithm}_{name}_of_{self.n_chains}": chain for name, chain in extras.items()})
