@@ -282,6 +282,8 @@ class SeparationConfig:
     latent_beam: int = 64  # beam width: partial code tuples kept per source and step
     latent_top_k: Optional[int] = 8  # latent_search=topk: codes per source kept before the joint
     latent_rejection_alpha: float = 0.0  # weight of the time-domain likelihood in the rejection (0 = paper's best)
+    # each step drawn from the posterior to the power 1/latent_temperature (1 = paper 002: the posterior itself)
+    latent_temperature: float = 1.0
     # project every estimate onto the mixture before scoring (the nearest sources whose weighted sum is m;
     # lightning_modules/separation.py); the chains are ranked before it
     mixture_consistency: bool = False

@@ -153,3 +153,17 @@ def test_the_pair_grid_is_built_once(prior):
     first = sep.step_scores(log_priors, mix_code)[0]
     second = sep.step_scores(log_priors, mix_code)[0]
     assert first.data_ptr() == second.data_ptr()  # one K^2 grid for every step, not a new one (and copy) per step
+
+
+def test_a_low_temperature_draws_every_steps_most_probable_pair_whatever_the_seed(prior):
+    torch.manual_seed(4)
+    mixes = torch.randn(1, 32)
+    sampled, _ = separator(prior, sigma=0.3)(mixes, 4, seeds=[5])
+    assert not all(torch.equal(sampled[0, 0], sampled[0, c]) for c in range(1, 4))  # the posterior varies
+    greedy = separator(prior, sigma=0.3, temperature=1e-4)
+    first, _ = greedy(mixes, 4, seeds=[5])
+    second, _ = greedy(mixes, 4, seeds=[6])
+    assert all(torch.equal(first[0, 0], first[0, c]) for c in range(1, 4))
+    assert torch.equal(first, second)
+    with pytest.raises(ValueError, match="latent_temperature must be > 0"):
+        separator(prior, temperature=0)

@@ -31,6 +31,9 @@ The separator keeps, per candidate, the prior log-probability of its codes under
 Transformer; ``selection`` turns them into the paper's prior-based rejection (alpha_rej = 0: the
 candidate the priors like best; alpha_rej > 0 adds the time-domain likelihood with sigma_rej balanced as
 in section 4.3), and ``extra_choices`` adds the time-domain consistency choice.
+
+``temperature`` < 1 draws each step from the posterior raised to 1/temperature (1, the paper: the posterior
+itself; towards 0, the most probable tuple of every step), for candidates that wander less from the mixture.
 """
 import torch
 from torch import nn
@@ -75,8 +78,11 @@ class LatentSeparator(nn.Module):
     extra_choice_names = ("consistent",)
 
     def __init__(self, prior, source_indices, alpha, length, sigma=0.4, likelihood="gaussian", top_k=None,
-                 rejection_alpha=0.0, search="beam", beam=64, target="quantised"):
+                 rejection_alpha=0.0, search="beam", beam=64, target="quantised", temperature=1.0):
         super().__init__()
+        if not temperature > 0:
+            raise ValueError(f"separation.latent_temperature must be > 0 (1 samples the posterior itself), "
+                             f"got {temperature}")
         if target not in TARGETS:
             raise ValueError(f"unknown separation.latent_target {target!r}; choose from {list(TARGETS)}")
         if likelihood not in LIKELIHOODS:
@@ -96,7 +102,7 @@ class LatentSeparator(nn.Module):
         self.register_buffer("alpha", torch.as_tensor(alpha, dtype=torch.float32))
         self.likelihood, self.top_k, self.rejection_alpha = likelihood, top_k, rejection_alpha
         self.search, self.beam = search, None if beam is None else int(beam)
-        self.target = target
+        self.target, self.temperature = target, float(temperature)
         self.n_steps = length // hop
         self.set_sigma(sigma)
         self.nonfinite_steps = 0
@@ -231,7 +237,7 @@ class LatentSeparator(nn.Module):
             log_priors = logits.log_softmax(dim=-1)
             mix_code = mix_codes[:, s].repeat_interleave(n_chains, dim=0)
             tuples, scores = self.step_scores(log_priors, mix_code)
-            probs = scores.softmax(dim=-1).view(batch, n_chains, -1)
+            probs = (scores / self.temperature).softmax(dim=-1).view(batch, n_chains, -1)
             choice = torch.stack([torch.multinomial(p, 1, generator=g).squeeze(1) for p, g in zip(probs, generators)])
             chosen = tuples[torch.arange(m, device=mix.device), choice.flatten()]  # [M, N]
             codes[:, :, s] = chosen
