@@ -284,6 +284,9 @@ class SeparationConfig:
     latent_rejection_alpha: float = 0.0  # weight of the time-domain likelihood in the rejection (0 = paper's best)
     # each step drawn from the posterior to the power 1/latent_temperature (1 = paper 002: the posterior itself)
     latent_temperature: float = 1.0
+    # codes already drawn that each new window of the Transformers' context is fed first (0: consecutive windows,
+    # a window's first codes drawn with no past); mixtures longer than the context only
+    latent_overlap: int = 0
     # project every estimate onto the mixture before scoring (the nearest sources whose weighted sum is m;
     # lightning_modules/separation.py); the chains are ranked before it
     mixture_consistency: bool = False

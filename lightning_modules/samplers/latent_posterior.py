@@ -25,7 +25,10 @@ against 47 % (sigma 0.03, teacher-forced priors; docs/lqvae.md).
 
 The Transformers run with their key/value caches; the C candidates of each mixture are one batch and are
 drawn with a generator seeded by the mixture's seed, so they do not depend on batching or sharding.
-Mixtures longer than the context are separated in consecutive windows of ``context`` codes.
+Mixtures longer than the context are separated in windows of ``context`` codes, each Transformer cache
+started afresh. With ``overlap`` = 0 they are consecutive, and a window's first codes are drawn with no past;
+with ``overlap`` > 0 each new window is first fed the last ``overlap`` codes already drawn, so every step
+after the first window sees at least that much past (paper 002's context covers its whole 3 s chunk).
 
 The separator keeps, per candidate, the prior log-probability of its codes under each source's
 Transformer; ``selection`` turns them into the paper's prior-based rejection (alpha_rej = 0: the
@@ -78,7 +81,7 @@ class LatentSeparator(nn.Module):
     extra_choice_names = ("consistent",)
 
     def __init__(self, prior, source_indices, alpha, length, sigma=0.4, likelihood="gaussian", top_k=None,
-                 rejection_alpha=0.0, search="beam", beam=64, target="quantised", temperature=1.0):
+                 rejection_alpha=0.0, search="beam", beam=64, target="quantised", temperature=1.0, overlap=0):
         super().__init__()
         if not temperature > 0:
             raise ValueError(f"separation.latent_temperature must be > 0 (1 samples the posterior itself), "
@@ -94,6 +97,10 @@ class LatentSeparator(nn.Module):
         if len(source_indices) > 2 and search == "topk" and not top_k:
             raise ValueError(f"{len(source_indices)} sources have K^{len(source_indices)} joint codes: set "
                              f"separation.latent_top_k (e.g. 8) for the top-k approximation, or latent_search=beam")
+        context = prior.transformer.cfg.context
+        if not 0 <= int(overlap) < context:
+            raise ValueError(f"separation.latent_overlap must be in [0, {context}) (codes of past re-fed to each "
+                             f"new window of the {context}-code context), got {overlap}")
         hop = prior.lqvae.hop
         if length % hop:
             raise ValueError(f"separation.length {length} must be a multiple of the LQ-VAE hop {hop}")
@@ -102,7 +109,7 @@ class LatentSeparator(nn.Module):
         self.register_buffer("alpha", torch.as_tensor(alpha, dtype=torch.float32))
         self.likelihood, self.top_k, self.rejection_alpha = likelihood, top_k, rejection_alpha
         self.search, self.beam = search, None if beam is None else int(beam)
-        self.target, self.temperature = target, float(temperature)
+        self.target, self.temperature, self.overlap = target, float(temperature), int(overlap)
         self.n_steps = length // hop
         self.set_sigma(sigma)
         self.nonfinite_steps = 0
@@ -231,8 +238,8 @@ class LatentSeparator(nn.Module):
         trace_loglik = torch.zeros(batch, self.n_steps, device=mix.device)
         trace_distance = torch.zeros(batch, self.n_steps, device=mix.device)
         for s in range(self.n_steps):
-            if s % context == 0:  # a new window of the Transformers' context
-                cache, previous = transformer.new_cache(m), None
+            if self.window_starts(s, context):
+                cache, previous = self.primed_cache(codes, s, context, m)
             logits = transformer.step(previous, cache)[:, self.indices].float()  # [M, N, K]
             log_priors = logits.log_softmax(dim=-1)
             mix_code = mix_codes[:, s].repeat_interleave(n_chains, dim=0)
@@ -246,11 +253,35 @@ class LatentSeparator(nn.Module):
             weighted = (self.alpha[None, :, None] * lqvae.quantizer.lookup(chosen)).sum(1)
             trace_loglik[:, s] = step_prior.mean(dim=1).view(batch, n_chains).mean(dim=1)
             trace_distance[:, s] = (mix_code - weighted).pow(2).mean(-1).view(batch, n_chains).mean(dim=1)
-            previous = torch.zeros(m, n_total, dtype=torch.long, device=mix.device)
-            previous[:, self.indices] = chosen
+            previous = self.as_previous(chosen, n_total)
         audio = lqvae.decode_indices(codes.flatten(0, 1)).view(batch, n_chains, n_sources, length)
         self.last_selection = self.rejection_scores(mix, audio, log_prior.view(batch, n_chains, n_sources))
         return audio, {"loglik": trace_loglik, "mix_error": trace_distance}
+
+    def window_starts(self, s, context):
+        """Whether step s opens a new window of the Transformers' context: the first at step 0, then every
+        ``context - overlap`` steps once the first window is full."""
+        if s < context:
+            return s == 0
+        return (s - context) % (context - self.overlap) == 0
+
+    def primed_cache(self, codes, s, context, m):
+        """(a fresh cache fed the start token and the last ``overlap`` codes drawn before step s, the code to
+        feed next); the first window gets the start token alone."""
+        cache, previous = self.prior.transformer.new_cache(m), None
+        if s == 0 or not self.overlap:
+            return cache, None
+        n_total = self.prior.transformer.n_groups
+        for j in range(s - self.overlap, s):
+            self.prior.transformer.step(previous, cache)  # the past's own predictions are not needed
+            previous = self.as_previous(codes[:, :, j], n_total)
+        return cache, previous
+
+    def as_previous(self, chosen, n_total):
+        """[M, N] codes of the separated sources -> the [M, all priors] tokens the Transformer is fed."""
+        previous = torch.zeros(chosen.shape[0], n_total, dtype=torch.long, device=chosen.device)
+        previous[:, self.indices] = chosen
+        return previous
 
     def rejection_scores(self, mix, audio, log_prior):
         """Paper 002 section 4.3, per source so the loop can average them: the priors normalised over each
