@@ -36,7 +36,8 @@ candidate the priors like best; alpha_rej > 0 adds the time-domain likelihood wi
 in section 4.3), and ``extra_choices`` adds the time-domain consistency choice.
 
 ``temperature`` < 1 draws each step from the posterior raised to 1/temperature (1, the paper: the posterior
-itself; towards 0, the most probable tuple of every step), for candidates that wander less from the mixture.
+itself; towards 0, the most probable tuple of every step). Neither it nor ``overlap`` helped on the demo Slakh
+guitar / bass validation songs (docs/real_music.md), so both are off by default.
 """
 import torch
 from torch import nn
@@ -239,7 +240,7 @@ class LatentSeparator(nn.Module):
         trace_distance = torch.zeros(batch, self.n_steps, device=mix.device)
         for s in range(self.n_steps):
             if self.window_starts(s, context):
-                cache, previous = self.primed_cache(codes, s, context, m)
+                cache, previous = self.primed_cache(codes, s, m)
             logits = transformer.step(previous, cache)[:, self.indices].float()  # [M, N, K]
             log_priors = logits.log_softmax(dim=-1)
             mix_code = mix_codes[:, s].repeat_interleave(n_chains, dim=0)
@@ -265,16 +266,14 @@ class LatentSeparator(nn.Module):
             return s == 0
         return (s - context) % (context - self.overlap) == 0
 
-    def primed_cache(self, codes, s, context, m):
+    def primed_cache(self, codes, s, m):
         """(a fresh cache fed the start token and the last ``overlap`` codes drawn before step s, the code to
-        feed next); the first window gets the start token alone."""
-        cache, previous = self.prior.transformer.new_cache(m), None
-        if s == 0 or not self.overlap:
-            return cache, None
-        n_total = self.prior.transformer.n_groups
-        for j in range(s - self.overlap, s):
-            self.prior.transformer.step(previous, cache)  # the past's own predictions are not needed
-            previous = self.as_previous(codes[:, :, j], n_total)
+        feed next: None, the start token, at step 0 or without overlap)."""
+        transformer, previous = self.prior.transformer, None
+        cache = transformer.new_cache(m)
+        for j in range(s - self.overlap, s) if s else ():
+            transformer.step(previous, cache)  # the past's own predictions are not needed
+            previous = self.as_previous(codes[:, :, j], transformer.n_groups)
         return cache, previous
 
     def as_previous(self, chosen, n_total):
