@@ -287,6 +287,7 @@ class SeparationConfig:
     # codes already drawn that each new window of the Transformers' context is fed first (0: consecutive windows,
     # a window's first codes drawn with no past); mixtures longer than the context only
     latent_overlap: int = 0
+    latent_window: Optional[int] = None  # codes per window (None: the Transformers' whole context)
     # project every estimate onto the mixture before scoring (the nearest sources whose weighted sum is m;
     # lightning_modules/separation.py); the chains are ranked before it
     mixture_consistency: bool = False

@@ -169,32 +169,41 @@ def test_a_low_temperature_draws_every_steps_most_probable_pair_whatever_the_see
         separator(prior, temperature=0)
 
 
-def test_each_new_window_is_first_fed_the_last_overlap_codes(prior):
-    """Context 8, 16 steps: windows open at steps 0, 8 and 12 with overlap 4. Near-greedy draws make the
-    chosen pair the argmax of the recorded scores, so the codes can be rebuilt and fed to a fresh cache."""
+@pytest.mark.parametrize("overlap, window, starts", [(0, None, [8]), (4, None, [8, 12]), (0, 4, [4, 8, 12]),
+                                                     (2, 4, [4, 6, 8, 10, 12, 14])])
+def test_each_new_window_is_first_fed_the_last_overlap_codes(prior, overlap, window, starts):
+    """Context 8, 16 steps: a new window opens at each of ``starts``. Near-greedy draws make the chosen pair
+    the argmax of the recorded scores, so the codes can be rebuilt and fed to a fresh cache."""
     torch.manual_seed(5)
     mix = torch.randn(1, 64)
-    for overlap in (0, 4):
-        sep = LatentSeparator(prior, [0, 1], torch.tensor([0.5, 0.5]), length=64, sigma=0.3, temperature=1e-6,
-                              overlap=overlap)
-        recorded, step_scores = [], sep.step_scores
+    sep = LatentSeparator(prior, [0, 1], torch.tensor([0.5, 0.5]), length=64, sigma=0.3, temperature=1e-6,
+                          overlap=overlap, window=window)
+    recorded, step_scores = [], sep.step_scores
 
-        def recording(log_priors, mix_code):
-            tuples, scores = step_scores(log_priors, mix_code)
-            recorded.append((log_priors.clone(), tuples[0, scores[0].argmax()]))
-            return tuples, scores
+    def recording(log_priors, mix_code):
+        tuples, scores = step_scores(log_priors, mix_code)
+        recorded.append((log_priors.clone(), tuples[0, scores[0].argmax()]))
+        return tuples, scores
 
-        sep.step_scores = recording
-        sep(mix, 1, seeds=[0])
-        codes = torch.stack([chosen for _, chosen in recorded])  # [16, 2]
-        for s in (8, 12) if overlap else (8,):
-            cache, previous = prior.transformer.new_cache(1), None
-            for j in range(s - overlap, s + 1):
-                logits = prior.transformer.step(previous, cache)
-                if j < s:
-                    previous = torch.zeros(1, 3, dtype=torch.long)
-                    previous[0, :2] = codes[j]
-            expected = logits.float()[:, :2].log_softmax(-1)
-            assert torch.allclose(recorded[s][0], expected, atol=1e-5), (overlap, s)
+    sep.step_scores = recording
+    sep(mix, 1, seeds=[0])
+    codes = torch.stack([chosen for _, chosen in recorded])  # [16, 2]
+    assert [s for s in range(16) if sep.window_starts(s)] == [0] + starts
+    for s in starts:
+        cache, previous = prior.transformer.new_cache(1), None
+        for j in range(s - overlap, s + 1):
+            logits = prior.transformer.step(previous, cache)
+            if j < s:
+                previous = torch.zeros(1, 3, dtype=torch.long)
+                previous[0, :2] = codes[j]
+        expected = logits.float()[:, :2].log_softmax(-1)
+        assert torch.allclose(recorded[s][0], expected, atol=1e-5), s
+
+
+def test_windows_must_fit_the_context_and_hold_more_than_their_overlap(prior):
     with pytest.raises(ValueError, match="latent_overlap must be in"):
         LatentSeparator(prior, [0, 1], torch.tensor([0.5, 0.5]), length=64, overlap=8)
+    with pytest.raises(ValueError, match="latent_overlap must be in"):
+        LatentSeparator(prior, [0, 1], torch.tensor([0.5, 0.5]), length=64, overlap=4, window=4)
+    with pytest.raises(ValueError, match="latent_window must be in"):
+        LatentSeparator(prior, [0, 1], torch.tensor([0.5, 0.5]), length=64, window=9)

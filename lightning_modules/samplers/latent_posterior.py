@@ -25,10 +25,11 @@ against 47 % (sigma 0.03, teacher-forced priors; docs/lqvae.md).
 
 The Transformers run with their key/value caches; the C candidates of each mixture are one batch and are
 drawn with a generator seeded by the mixture's seed, so they do not depend on batching or sharding.
-Mixtures longer than the context are separated in windows of ``context`` codes, each Transformer cache
-started afresh. With ``overlap`` = 0 they are consecutive, and a window's first codes are drawn with no past;
-with ``overlap`` > 0 each new window is first fed the last ``overlap`` codes already drawn, so every step
-after the first window sees at least that much past (paper 002's context covers its whole 3 s chunk).
+Mixtures longer than the context are separated in windows of ``window`` codes (default: the whole
+``context``), each Transformer cache started afresh. With ``overlap`` = 0 they are consecutive, and a window's
+first codes are drawn with no past; with ``overlap`` > 0 each new window is first fed the last ``overlap``
+codes already drawn, so every step after the first window sees at least that much past (paper 002's context
+covers its whole 3 s chunk).
 
 The separator keeps, per candidate, the prior log-probability of its codes under each source's
 Transformer; ``selection`` turns them into the paper's prior-based rejection (alpha_rej = 0: the
@@ -82,7 +83,8 @@ class LatentSeparator(nn.Module):
     extra_choice_names = ("consistent",)
 
     def __init__(self, prior, source_indices, alpha, length, sigma=0.4, likelihood="gaussian", top_k=None,
-                 rejection_alpha=0.0, search="beam", beam=64, target="quantised", temperature=1.0, overlap=0):
+                 rejection_alpha=0.0, search="beam", beam=64, target="quantised", temperature=1.0, overlap=0,
+                 window=None):
         super().__init__()
         if not temperature > 0:
             raise ValueError(f"separation.latent_temperature must be > 0 (1 samples the posterior itself), "
@@ -99,9 +101,13 @@ class LatentSeparator(nn.Module):
             raise ValueError(f"{len(source_indices)} sources have K^{len(source_indices)} joint codes: set "
                              f"separation.latent_top_k (e.g. 8) for the top-k approximation, or latent_search=beam")
         context = prior.transformer.cfg.context
-        if not 0 <= int(overlap) < context:
-            raise ValueError(f"separation.latent_overlap must be in [0, {context}) (codes of past re-fed to each "
-                             f"new window of the {context}-code context), got {overlap}")
+        window = context if window is None else int(window)
+        if not 1 <= window <= context:
+            raise ValueError(f"separation.latent_window must be in [1, {context}] (the Transformers' context), "
+                             f"got {window}")
+        if not 0 <= int(overlap) < window:
+            raise ValueError(f"separation.latent_overlap must be in [0, {window}) (codes of past re-fed to each "
+                             f"new window of {window} codes), got {overlap}")
         hop = prior.lqvae.hop
         if length % hop:
             raise ValueError(f"separation.length {length} must be a multiple of the LQ-VAE hop {hop}")
@@ -110,7 +116,7 @@ class LatentSeparator(nn.Module):
         self.register_buffer("alpha", torch.as_tensor(alpha, dtype=torch.float32))
         self.likelihood, self.top_k, self.rejection_alpha = likelihood, top_k, rejection_alpha
         self.search, self.beam = search, None if beam is None else int(beam)
-        self.target, self.temperature, self.overlap = target, float(temperature), int(overlap)
+        self.target, self.temperature, self.overlap, self.window = target, float(temperature), int(overlap), window
         self.n_steps = length // hop
         self.set_sigma(sigma)
         self.nonfinite_steps = 0
@@ -232,14 +238,14 @@ class LatentSeparator(nn.Module):
         lqvae, transformer = self.prior.lqvae, self.prior.transformer
         mix_codes = self.mixture_target(mix)
         generators = [torch.Generator(device=mix.device).manual_seed(int(seed)) for seed in seeds]
-        n_sources, n_total, context = len(self.indices), transformer.n_groups, transformer.cfg.context
+        n_sources, n_total = len(self.indices), transformer.n_groups
         m = batch * n_chains
         codes = torch.zeros(m, n_sources, self.n_steps, dtype=torch.long, device=mix.device)
         log_prior = torch.zeros(m, n_sources, device=mix.device)
         trace_loglik = torch.zeros(batch, self.n_steps, device=mix.device)
         trace_distance = torch.zeros(batch, self.n_steps, device=mix.device)
         for s in range(self.n_steps):
-            if self.window_starts(s, context):
+            if self.window_starts(s):
                 cache, previous = self.primed_cache(codes, s, m)
             logits = transformer.step(previous, cache)[:, self.indices].float()  # [M, N, K]
             log_priors = logits.log_softmax(dim=-1)
@@ -259,12 +265,12 @@ class LatentSeparator(nn.Module):
         self.last_selection = self.rejection_scores(mix, audio, log_prior.view(batch, n_chains, n_sources))
         return audio, {"loglik": trace_loglik, "mix_error": trace_distance}
 
-    def window_starts(self, s, context):
-        """Whether step s opens a new window of the Transformers' context: the first at step 0, then every
-        ``context - overlap`` steps once the first window is full."""
-        if s < context:
+    def window_starts(self, s):
+        """Whether step s opens a new window: the first at step 0, then every ``window - overlap`` steps once
+        the first window is full."""
+        if s < self.window:
             return s == 0
-        return (s - context) % (context - self.overlap) == 0
+        return (s - self.window) % (self.window - self.overlap) == 0
 
     def primed_cache(self, codes, s, m):
         """(a fresh cache fed the start token and the last ``overlap`` codes drawn before step s, the code to
