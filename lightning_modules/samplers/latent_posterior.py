@@ -37,8 +37,9 @@ candidate the priors like best; alpha_rej > 0 adds the time-domain likelihood wi
 in section 4.3), and ``extra_choices`` adds the time-domain consistency choice.
 
 ``temperature`` < 1 draws each step from the posterior raised to 1/temperature (1, the paper: the posterior
-itself; towards 0, the most probable tuple of every step). Neither it nor ``overlap`` helped on the demo Slakh
-guitar / bass validation songs (docs/real_music.md), so both are off by default.
+itself; towards 0, the most probable tuple of every step). On the demo Slakh guitar / bass validation songs
+neither it nor ``overlap`` helped, and shorter windows raised SI-SDRi (docs/real_music.md); all three are off
+by default.
 """
 import torch
 from torch import nn
