@@ -38,8 +38,8 @@ in section 4.3), and ``extra_choices`` adds the time-domain consistency choice.
 
 ``temperature`` < 1 draws each step from the posterior raised to 1/temperature (1, the paper: the posterior
 itself; towards 0, the most probable tuple of every step). On the demo Slakh guitar / bass validation songs
-neither it nor ``overlap`` helped, and shorter windows raised SI-SDRi (docs/real_music.md); all three are off
-by default.
+neither it nor ``overlap`` helped, and shorter windows raised SI-SDRi there but lowered the drum pairs' SDR
+(docs/real_music.md); all three are off by default.
 """
 import torch
 from torch import nn
@@ -239,7 +239,7 @@ class LatentSeparator(nn.Module):
         lqvae, transformer = self.prior.lqvae, self.prior.transformer
         mix_codes = self.mixture_target(mix)
         generators = [torch.Generator(device=mix.device).manual_seed(int(seed)) for seed in seeds]
-        n_sources, n_total = len(self.indices), transformer.n_groups
+        n_sources = len(self.indices)
         m = batch * n_chains
         codes = torch.zeros(m, n_sources, self.n_steps, dtype=torch.long, device=mix.device)
         log_prior = torch.zeros(m, n_sources, device=mix.device)
@@ -261,7 +261,7 @@ class LatentSeparator(nn.Module):
             weighted = (self.alpha[None, :, None] * lqvae.quantizer.lookup(chosen)).sum(1)
             trace_loglik[:, s] = step_prior.mean(dim=1).view(batch, n_chains).mean(dim=1)
             trace_distance[:, s] = (mix_code - weighted).pow(2).mean(-1).view(batch, n_chains).mean(dim=1)
-            previous = self.as_previous(chosen, n_total)
+            previous = self.as_previous(chosen)
         audio = lqvae.decode_indices(codes.flatten(0, 1)).view(batch, n_chains, n_sources, length)
         self.last_selection = self.rejection_scores(mix, audio, log_prior.view(batch, n_chains, n_sources))
         return audio, {"loglik": trace_loglik, "mix_error": trace_distance}
@@ -280,11 +280,12 @@ class LatentSeparator(nn.Module):
         cache = transformer.new_cache(m)
         for j in range(s - self.overlap, s) if s else ():
             transformer.step(previous, cache)  # the past's own predictions are not needed
-            previous = self.as_previous(codes[:, :, j], transformer.n_groups)
+            previous = self.as_previous(codes[:, :, j])
         return cache, previous
 
-    def as_previous(self, chosen, n_total):
+    def as_previous(self, chosen):
         """[M, N] codes of the separated sources -> the [M, all priors] tokens the Transformer is fed."""
+        n_total = self.prior.transformer.n_groups
         previous = torch.zeros(chosen.shape[0], n_total, dtype=torch.long, device=chosen.device)
         previous[:, self.indices] = chosen
         return previous
