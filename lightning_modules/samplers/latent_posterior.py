@@ -44,6 +44,7 @@ neither it nor ``overlap`` helped, and shorter windows raised SI-SDRi there but 
 import torch
 from torch import nn
 
+from lightning_modules.samplers.draws import categorical_draw
 from lightning_modules.samplers.latent_beam import beam_search
 
 LIKELIHOODS = ("gaussian", "delta")
@@ -253,7 +254,7 @@ class LatentSeparator(nn.Module):
             mix_code = mix_codes[:, s].repeat_interleave(n_chains, dim=0)
             tuples, scores = self.step_scores(log_priors, mix_code)
             probs = (scores / self.temperature).softmax(dim=-1).view(batch, n_chains, -1)
-            choice = torch.stack([torch.multinomial(p, 1, generator=g).squeeze(1) for p, g in zip(probs, generators)])
+            choice = torch.stack([categorical_draw(p, g) for p, g in zip(probs, generators)])
             chosen = tuples[torch.arange(m, device=mix.device), choice.flatten()]  # [M, N]
             codes[:, :, s] = chosen
             step_prior = log_priors.gather(-1, chosen.unsqueeze(-1)).squeeze(-1)  # [M, N]
