@@ -288,6 +288,9 @@ class SeparationConfig:
     # a window's first codes drawn with no past); mixtures longer than the context only
     latent_overlap: int = 0
     latent_window: Optional[int] = None  # codes per window (None: the Transformers' whole context)
+    # lambda >= 0: each source's step prior tilted by lambda times its log-ratio to the pooled prior (the equal
+    # mixture of every class prior fed the same past), and a class_ratio choice row; None: off (paper 002)
+    latent_contrast: Optional[float] = None
     # project every estimate onto the mixture before scoring (the nearest sources whose weighted sum is m;
     # lightning_modules/separation.py); the chains are ranked before it
     mixture_consistency: bool = False

@@ -211,7 +211,7 @@ def latent_separator(config, sources, alpha):
     latent = {"sigma": sep.latent_sigma, "likelihood": sep.latent_likelihood, "top_k": sep.latent_top_k,
               "search": sep.latent_search, "beam": sep.latent_beam, "rejection_alpha": sep.latent_rejection_alpha,
               "target": sep.latent_target, "temperature": sep.latent_temperature, "overlap": sep.latent_overlap,
-              "window": sep.latent_window}
+              "window": sep.latent_window, "contrast": sep.latent_contrast}
     if sep.latent_sigma == "auto":
         from experiments.latent_sigma import calibrate_latent_sigma
 

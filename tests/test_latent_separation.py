@@ -207,3 +207,43 @@ def test_windows_must_fit_the_context_and_hold_more_than_their_overlap(prior):
         LatentSeparator(prior, [0, 1], torch.tensor([0.5, 0.5]), length=64, overlap=4, window=4)
     with pytest.raises(ValueError, match="latent_window must be in"):
         LatentSeparator(prior, [0, 1], torch.tensor([0.5, 0.5]), length=64, window=9)
+
+
+def every_prior_log_probs(prior, stream):
+    """[S] codes of one source -> [S, all priors, K]: each class prior's next-code log-probabilities given that
+    source's past (a full forward, one window)."""
+    codes = stream.view(1, 1, -1).expand(1, prior.transformer.n_groups, -1)
+    return prior.transformer(codes).float().log_softmax(-1)[0].transpose(0, 1)
+
+
+def test_a_large_contrast_draws_each_sources_code_by_its_ratio_to_the_pooled_prior(prior):
+    """Mixture ignored (sigma huge), near-greedy draws, contrast huge: each source's code at each step is the
+    argmax of log p_own - log mean_k p_k, every class prior fed that source's own drawn past."""
+    torch.manual_seed(6)
+    sep = separator(prior, sigma=1e4, temperature=1e-6, contrast=1e4)
+    assert sep.extra_choice_names == ("consistent", "class_ratio")
+    recorded = []
+    step_scores = sep.step_scores
+    sep.step_scores = lambda lp, mc: recorded.append(step_scores(lp, mc)) or recorded[-1]
+    sep(torch.randn(1, 32), 1, seeds=[1])
+    chosen = torch.stack([tuples[0, scores[0].argmax()] for tuples, scores in recorded])  # [8, 2]
+    ratio_total = 0.0
+    for n in range(2):
+        every = every_prior_log_probs(prior, chosen[:, n])  # [8, 3, K]
+        ratio = every[:, n] - (every.logsumexp(1) - torch.log(torch.tensor(3.0)))
+        assert torch.equal(ratio.argmax(-1), chosen[:, n])
+        ratio_total += ratio.gather(1, chosen[:, n:n + 1]).sum()
+    assert torch.allclose(sep.last_class_ratio, ratio_total.view(1, 1), atol=1e-4)
+
+
+def test_contrast_zero_keeps_the_paper_posterior_and_adds_the_class_ratio_row(prior):
+    torch.manual_seed(7)
+    mixes = torch.randn(2, 32)
+    paper, _ = separator(prior, sigma=0.3)(mixes, 3, seeds=[1, 2])
+    zero = separator(prior, sigma=0.3, contrast=0)
+    same, _ = zero(mixes, 3, seeds=[1, 2])
+    assert torch.allclose(same, paper, atol=1e-5)
+    assert set(zero.extra_choices(mixes, same)) == {"consistent", "class_ratio"}
+    assert "class_ratio" not in separator(prior).extra_choices(mixes, paper)
+    with pytest.raises(ValueError, match="latent_contrast must be >= 0"):
+        separator(prior, contrast=-1)

@@ -86,11 +86,13 @@ class LatentSeparator(nn.Module):
 
     def __init__(self, prior, source_indices, alpha, length, sigma=0.4, likelihood="gaussian", top_k=None,
                  rejection_alpha=0.0, search="beam", beam=64, target="quantised", temperature=1.0, overlap=0,
-                 window=None):
+                 window=None, contrast=None):
         super().__init__()
         if not temperature > 0:
             raise ValueError(f"separation.latent_temperature must be > 0 (1 samples the posterior itself), "
                              f"got {temperature}")
+        if contrast is not None and not contrast >= 0:
+            raise ValueError(f"separation.latent_contrast must be >= 0 (or null: off), got {contrast}")
         if target not in TARGETS:
             raise ValueError(f"unknown separation.latent_target {target!r}; choose from {list(TARGETS)}")
         if likelihood not in LIKELIHOODS:
@@ -120,10 +122,13 @@ class LatentSeparator(nn.Module):
         self.search, self.beam = search, None if beam is None else int(beam)
         self.target, self.temperature, self.overlap, self.window = target, float(temperature), int(overlap), window
         self.n_steps = length // hop
+        self.contrast = None if contrast is None else float(contrast)
+        if self.contrast is not None:  # an instance attribute: the loop names its rows from it
+            self.extra_choice_names = ("consistent", "class_ratio")
         self.set_sigma(sigma)
         self.nonfinite_steps = 0
         self.score_model = PriorSelection(self)  # after rejection_alpha: its label names it
-        self.last_selection, self.table, self.table_key = None, None, None
+        self.last_selection, self.last_class_ratio, self.table, self.table_key = None, None, None, None
         self.pair_grid = None  # [K^2, 2] every (i, j), built once on the device (not a buffer: not in state_dict)
 
     def sum_table(self):
@@ -244,28 +249,46 @@ class LatentSeparator(nn.Module):
         m = batch * n_chains
         codes = torch.zeros(m, n_sources, self.n_steps, dtype=torch.long, device=mix.device)
         log_prior = torch.zeros(m, n_sources, device=mix.device)
+        class_ratio = torch.zeros(m, n_sources, device=mix.device)
+        rows = m if self.contrast is None else m * n_sources  # with contrast: every source's past in every prior
         trace_loglik = torch.zeros(batch, self.n_steps, device=mix.device)
         trace_distance = torch.zeros(batch, self.n_steps, device=mix.device)
         for s in range(self.n_steps):
             if self.window_starts(s):
-                cache, previous = self.primed_cache(codes, s, m)
-            logits = transformer.step(previous, cache)[:, self.indices].float()  # [M, N, K]
-            log_priors = logits.log_softmax(dim=-1)
+                cache, previous = self.primed_cache(codes, s, rows)
+            log_priors, log_pooled = self.source_log_priors(transformer.step(previous, cache).float(), m)
             mix_code = mix_codes[:, s].repeat_interleave(n_chains, dim=0)
-            tuples, scores = self.step_scores(log_priors, mix_code)
+            tilted = log_priors if self.contrast is None else log_priors + self.contrast * (log_priors - log_pooled)
+            tuples, scores = self.step_scores(tilted, mix_code)
             probs = (scores / self.temperature).softmax(dim=-1).view(batch, n_chains, -1)
             choice = torch.stack([categorical_draw(p, g) for p, g in zip(probs, generators)])
             chosen = tuples[torch.arange(m, device=mix.device), choice.flatten()]  # [M, N]
             codes[:, :, s] = chosen
             step_prior = log_priors.gather(-1, chosen.unsqueeze(-1)).squeeze(-1)  # [M, N]
             log_prior += step_prior
+            if log_pooled is not None:
+                class_ratio += step_prior - log_pooled.gather(-1, chosen.unsqueeze(-1)).squeeze(-1)
             weighted = (self.alpha[None, :, None] * lqvae.quantizer.lookup(chosen)).sum(1)
             trace_loglik[:, s] = step_prior.mean(dim=1).view(batch, n_chains).mean(dim=1)
             trace_distance[:, s] = (mix_code - weighted).pow(2).mean(-1).view(batch, n_chains).mean(dim=1)
             previous = self.as_previous(chosen)
         audio = lqvae.decode_indices(codes.flatten(0, 1)).view(batch, n_chains, n_sources, length)
         self.last_selection = self.rejection_scores(mix, audio, log_prior.view(batch, n_chains, n_sources))
+        self.last_class_ratio = class_ratio.sum(1).view(batch, n_chains)
         return audio, {"loglik": trace_loglik, "mix_error": trace_distance}
+
+    def source_log_priors(self, logits, m):
+        """The step's logits -> (each separated source's next-code log-probabilities under its own prior
+        [M, N, K], the same source's under the pooled prior or None). Without contrast the logits are the
+        [M, all priors] of one cache row per chain; with it, [N * M, all priors]: source n's past fed to every
+        class prior, whose equal mixture is the pooled prior (paper 003's likelihood ratio)."""
+        if self.contrast is None:
+            return logits[:, self.indices].log_softmax(dim=-1), None
+        n_sources, n_priors = len(self.indices), logits.shape[1]
+        every = logits.log_softmax(dim=-1).view(n_sources, m, n_priors, -1)  # [N, M, all priors, K]
+        own = every[torch.arange(n_sources, device=logits.device), :, self.indices]  # [N, M, K]
+        pooled = every.logsumexp(dim=2) - torch.log(torch.tensor(float(n_priors)))
+        return own.transpose(0, 1), pooled.transpose(0, 1)
 
     def window_starts(self, s):
         """Whether step s opens a new window: the first at step 0, then every ``window - overlap`` steps once
@@ -285,8 +308,11 @@ class LatentSeparator(nn.Module):
         return cache, previous
 
     def as_previous(self, chosen):
-        """[M, N] codes of the separated sources -> the [M, all priors] tokens the Transformer is fed."""
+        """[M, N] codes of the separated sources -> the [M, all priors] tokens the Transformer is fed; with
+        contrast [N * M, all priors], source n's code to every prior in rows n * M to (n + 1) * M."""
         n_total = self.prior.transformer.n_groups
+        if self.contrast is not None:
+            return chosen.T.reshape(-1, 1).expand(-1, n_total).contiguous()
         previous = torch.zeros(chosen.shape[0], n_total, dtype=torch.long, device=chosen.device)
         previous[:, self.indices] = chosen
         return previous
@@ -307,4 +333,7 @@ class LatentSeparator(nn.Module):
     def extra_choices(self, mix, estimates):
         """The time-domain consistency choice: the candidate whose decoded sources mix closest to m."""
         error = (mix[:, None] - (self.alpha[:, None] * estimates).sum(2)).pow(2).mean(-1)  # [B, C]
-        return {"consistent": error.argmin(dim=1)}
+        choices = {"consistent": error.argmin(dim=1)}
+        if self.contrast is not None:  # the candidate whose sources the class priors' ratio assigns best
+            choices["class_ratio"] = self.last_class_ratio.argmax(dim=1)
+        return choices

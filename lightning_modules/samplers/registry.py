@@ -64,7 +64,7 @@ def build_latent(prior, alpha, s, indices, length):
         raise ValueError(f"separation.latent_sigma must be a positive number or 'auto', got {sigma!r}")
     return LatentSeparator(prior, indices, alpha, length, sigma, s.latent_likelihood, s.latent_top_k,
                            s.latent_rejection_alpha, s.latent_search, s.latent_beam, s.latent_target,
-                           s.latent_temperature, s.latent_overlap, s.latent_window)
+                           s.latent_temperature, s.latent_overlap, s.latent_window, s.latent_contrast)
 
 
 def build_variational(module, alpha, s):
