@@ -287,7 +287,9 @@ class SeparationConfig:
     # codes already drawn that each new window of the Transformers' context is fed first (0: consecutive windows,
     # a window's first codes drawn with no past); mixtures longer than the context only
     latent_overlap: int = 0
-    latent_window: Optional[int] = None  # codes per window (None: the Transformers' whole context)
+    # codes per window: an int, None (the Transformers' whole context), or a mapping from source lists as in
+    # separation.sources ("guitar,bass") to windows, the sources not listed keeping the whole context
+    latent_window: Any = None
     # lambda >= 0: each source's step prior tilted by lambda times its log-ratio to the pooled prior (the equal
     # mixture of every class prior fed the same past), and a class_ratio choice row; None: off (paper 002)
     latent_contrast: Optional[float] = None

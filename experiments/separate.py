@@ -206,12 +206,14 @@ def latent_separator(config, sources, alpha):
         raise no_prior_error(config)
     prior = load_prior(directory, list(config.data.sources), to_dict(config.model)).prior
     sep = config.separation
+    window = pair_window(sep.latent_window, sources, list(config.data.sources))
+    sep = OmegaConf.merge(sep, {"latent_window": window})  # a copy: the user's config keeps the mapping
     indices = [list(config.data.sources).index(s) for s in sources]
     separator = SAMPLERS[sep.algorithm].build(prior, alpha, sep, indices, sep.length or config.data.eval_length)
     latent = {"sigma": sep.latent_sigma, "likelihood": sep.latent_likelihood, "top_k": sep.latent_top_k,
               "search": sep.latent_search, "beam": sep.latent_beam, "rejection_alpha": sep.latent_rejection_alpha,
               "target": sep.latent_target, "temperature": sep.latent_temperature, "overlap": sep.latent_overlap,
-              "window": sep.latent_window, "contrast": sep.latent_contrast}
+              "window": window, "contrast": sep.latent_contrast}
     if sep.latent_sigma == "auto":
         from experiments.latent_sigma import calibrate_latent_sigma
 
@@ -219,6 +221,22 @@ def latent_separator(config, sources, alpha):
         latent["sigma_auto"] = {str(sigma): value for sigma, value in table.items()}
     record = {"prior_dir_per_level": [str(directory)], "selection_prior_dir": str(directory), "latent": latent}
     return separator, separator.score_model, record
+
+
+def pair_window(window, sources, known):
+    """separation.latent_window for these sources: an int or None as given, or, from a mapping of source lists
+    ("guitar,bass", in any order) to windows, this list's entry (None, the whole context, where none is)."""
+    if not OmegaConf.is_dict(window) and not isinstance(window, dict):
+        return window
+    for key in window:
+        names = [name.strip() for name in str(key).split(",")]
+        unknown = [name for name in names if name not in known]
+        if unknown or len(names) < 2:
+            raise ConfigError(f"separation.latent_window key {key!r} must list two or more of the run's sources "
+                              f"{known}, comma-separated (e.g. 'guitar,bass')")
+        if sorted(names) == sorted(sources):
+            return window[key]
+    return None
 
 
 def variational_posterior(config, sources, alpha):

@@ -245,3 +245,25 @@ def test_latent_sigma_auto_is_chosen_on_validation_crops_and_recorded(lqvae_run)
     bad = load_config("toy_lqvae", "default", overrides + ["separation.latent_sigma=best"])
     with pytest.raises(ValueError, match="positive number or 'auto'"):
         build_separator(bad)
+
+
+def test_latent_window_may_be_given_per_list_of_sources(lqvae_run):
+    from experiments.config import ConfigError
+    from experiments.separate import build_separator
+
+    overrides = TINY_LQVAE + [f"output_root={lqvae_run.output_root}", *LATENT, "separation.latent_sigma=0.3"]
+
+    def window(value):
+        separator, _, _, record = build_separator(load_config("toy_lqvae", "default", overrides + [
+            f"separation.latent_window={value}"]))
+        assert record["latent"]["window"] in (separator.window, None)
+        return separator.window
+
+    context = lqvae_run.model.context
+    assert window(2) == 2 and window("null") == context
+    assert window('{"sine,square": 2}') == 2
+    assert window('{"square,sine": 2}') == 2 and window('{"sine,square,triangle": 2}') == context
+    with pytest.raises(ConfigError, match="key 'sine,drums' must list two or more of the run's sources"):
+        window('{"sine,drums": 2}')
+    with pytest.raises(ValueError, match="latent_window must be in"):
+        window('{"sine,square": 2.5}')

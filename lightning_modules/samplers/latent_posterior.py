@@ -105,8 +105,8 @@ class LatentSeparator(nn.Module):
             raise ValueError(f"{len(source_indices)} sources have K^{len(source_indices)} joint codes: set "
                              f"separation.latent_top_k (e.g. 8) for the top-k approximation, or latent_search=beam")
         context = prior.transformer.cfg.context
-        window = context if window is None else int(window)
-        if not 1 <= window <= context:
+        window = context if window is None else window
+        if isinstance(window, bool) or not isinstance(window, int) or not 1 <= window <= context:
             raise ValueError(f"separation.latent_window must be in [1, {context}] (the Transformers' context), "
                              f"got {window}")
         if not 0 <= int(overlap) < window:
