@@ -37,9 +37,12 @@ candidate the priors like best; alpha_rej > 0 adds the time-domain likelihood wi
 in section 4.3), and ``extra_choices`` adds the time-domain consistency choice.
 
 ``temperature`` < 1 draws each step from the posterior raised to 1/temperature (1, the paper: the posterior
-itself; towards 0, the most probable tuple of every step). On the demo Slakh guitar / bass validation songs
-neither it nor ``overlap`` helped, and shorter windows raised SI-SDRi there but lowered the drum pairs' SDR
-(docs/real_music.md); all three are off by default.
+itself; towards 0, the most probable tuple of every step). ``contrast`` = lambda tilts each source's step prior
+by lambda (log p_own - log p_pooled), the pooled prior being the equal mixture of every class prior fed that
+source's own past (paper 003's likelihood ratio), and adds the ``class_ratio`` choice. On the demo Slakh guitar
+/ bass validation songs neither temperature, overlap nor contrast helped; short windows (8 codes) lifted that
+pair above Average and lowered the drum pairs' SDR (docs/real_music.md), so the Slakh preset sets the window
+per pair.
 """
 import torch
 from torch import nn
