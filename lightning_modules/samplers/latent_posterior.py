@@ -334,7 +334,8 @@ class LatentSeparator(nn.Module):
         return normalised.flatten(0, 1)
 
     def extra_choices(self, mix, estimates):
-        """The time-domain consistency choice: the candidate whose decoded sources mix closest to m."""
+        """The time-domain consistency choice, the candidate whose decoded sources mix closest to m, and with
+        contrast the class-ratio choice."""
         error = (mix[:, None] - (self.alpha[:, None] * estimates).sum(2)).pow(2).mean(-1)  # [B, C]
         choices = {"consistent": error.argmin(dim=1)}
         if self.contrast is not None:  # the candidate whose sources the class priors' ratio assigns best
