@@ -44,6 +44,8 @@ source's own past (paper 003's likelihood ratio), and adds the ``class_ratio`` c
 pair above Average and lowered the drum pairs' SDR (docs/real_music.md), so the Slakh preset sets the window
 per pair.
 """
+import math
+
 import torch
 from torch import nn
 
@@ -290,7 +292,7 @@ class LatentSeparator(nn.Module):
         n_sources, n_priors = len(self.indices), logits.shape[1]
         every = logits.log_softmax(dim=-1).view(n_sources, m, n_priors, -1)  # [N, M, all priors, K]
         own = every[torch.arange(n_sources, device=logits.device), :, self.indices]  # [N, M, K]
-        pooled = every.logsumexp(dim=2) - torch.log(torch.tensor(float(n_priors)))
+        pooled = every.logsumexp(dim=2) - math.log(n_priors)
         return own.transpose(0, 1), pooled.transpose(0, 1)
 
     def window_starts(self, s):
